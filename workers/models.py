@@ -49,6 +49,8 @@ CHATML_TEMPLATE = (
 )
 CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Architectures whose attention and MLP projections carry the Llama names above.
+LLAMA_LIKE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
 
 TINY_RANDOM_ID = "tiny-random"
 SMOLLM2_ID = "smollm2-135m-instruct"
@@ -120,7 +122,9 @@ def _tiny_corpus() -> list[str]:
         # A fixed pseudo-random walk over the word list (no RNG state involved).
         length = 5 + (i * 7) % 13
         lines.append(" ".join(words[(i * 31 + j * 17) % len(words)] for j in range(length)) + ".")
-    lines += [f"Line {n}: numbers 0123456789 and punctuation ,.;:!?'\"()[]{{}}-_/" for n in range(20)]
+    lines += [
+        f"Line {n}: numbers 0123456789 and punctuation ,.;:!?'\"()[]{{}}-_/" for n in range(20)
+    ]
     return lines
 
 
@@ -328,7 +332,7 @@ def get_spec(model_id: str) -> ModelSpec:
 
 def _guess_lora_targets(path: Path) -> tuple[str, ...]:
     config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}:
+    if config.get("model_type") in LLAMA_LIKE_TYPES:
         return LLAMA_LORA_TARGETS
     # peft resolves "all-linear" to every linear layer except the output head.
     return ("all-linear",)
