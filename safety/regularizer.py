@@ -20,6 +20,7 @@ no reference forward at all.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,9 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class LossStats:
-    """Plain-float summary of one loss evaluation, for logging and metrics.
-
-    ``ce`` is the unweighted mean of per-row CE over rows with response tokens; ``kl`` is the
-    mean per-row KL over rows that had reference logits (0.0 when none had); ``beta_mean``,
-    ``beta_max`` and ``ref_fraction`` (share of rows with ``beta > 0``) are over rows with
-    response tokens.
-    """
+    """Plain floats for logging, over rows with response tokens: ``ce`` is the unweighted mean
+    of per-row CE, ``kl`` the mean per-row KL of rows given reference logits (0.0 if none),
+    ``ref_fraction`` the share of rows with ``beta > 0``."""
 
     loss: float
     ce: float
@@ -112,22 +109,15 @@ def _check_inputs(
     sft_weights: Tensor | None,
 ) -> Tensor:
     """Validate shapes and reference coverage; return the boolean ref mask [N]."""
-    n = policy_logits.shape[0]
-    if policy_logits.dim() != 2 or targets.shape != (n,) or row_ids.shape != (n,):
+    n, weights = policy_logits.shape[0], betas if sft_weights is None else sft_weights
+    shapes = [tuple(t.shape) for t in (policy_logits, targets, row_ids, betas, weights)]
+    if policy_logits.dim() != 2 or shapes[1:3] != [(n,), (n,)] or shapes[3:] != [(len(betas),)] * 2:
         raise ValueError(
-            f"expected policy_logits [N, V], targets [N], row_ids [N]; got "
-            f"{tuple(policy_logits.shape)}, {tuple(targets.shape)}, {tuple(row_ids.shape)}"
+            f"expected policy_logits [N, V], targets [N], row_ids [N], betas [B], sft_weights [B];"
+            f" got {', '.join(map(str, shapes))}"
         )
-    if betas.dim() != 1 or (sft_weights is not None and sft_weights.shape != betas.shape):
-        shape = None if sft_weights is None else tuple(sft_weights.shape)
-        raise ValueError(
-            f"betas must be [B] and sft_weights [B]; got {tuple(betas.shape)}, {shape}"
-        )
-    if n and (int(row_ids.min()) < 0 or int(row_ids.max()) >= betas.shape[0]):
-        raise ValueError(
-            f"row_ids must lie in [0, {betas.shape[0]}), got min {int(row_ids.min())} "
-            f"max {int(row_ids.max())}"
-        )
+    if n and not 0 <= int(row_ids.min()) <= int(row_ids.max()) < len(betas):
+        raise ValueError(f"row_ids must lie in [0, {len(betas)}), got {row_ids.unique().tolist()}")
     if bool((betas < 0).any()):
         raise ValueError(f"betas must be >= 0, got {betas.tolist()}")
     needs_ref = betas.to(row_ids.device)[row_ids] > 0
@@ -166,10 +156,11 @@ def adaptive_kl_loss(
     """Adaptive KL regularized loss on packed response tokens.
 
     Log-softmaxes are computed in float32, ``chunk_size`` tokens at a time. With
-    ``checkpoint_chunks`` each policy chunk is recomputed during backward instead of keeping
-    its [chunk, V] float32 log-softmax alive until then: for 128k vocabularies this trades one
-    extra log-softmax per chunk for O(N * V) float32 activation memory. ``None`` turns it on
-    whenever ``policy_logits`` requires grad.
+    ``checkpoint_chunks`` each chunk is recomputed during backward, so autograd keeps only
+    views of the given logits instead of ~3 float32 [N, V] copies (log-probs of both sides):
+    one extra log-softmax per chunk for gigabytes at 128k vocabularies. ``None`` turns it on
+    whenever ``policy_logits`` requires grad. Either way ``ref_logits`` stays alive until
+    backward; free the caller's other references to it.
 
     Args:
         policy_logits: [N, V] policy logits at the response positions (row n predicts
@@ -200,14 +191,14 @@ def adaptive_kl_loss(
     n = policy_logits.shape[0]
     if checkpoint_chunks is None:
         checkpoint_chunks = policy_logits.requires_grad and torch.is_grad_enabled()
-    # Offsets into ref_logits at each chunk boundary: mask is in token order.
-    ref_offsets = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)]).tolist()
+    bounds = [*range(0, n, chunk_size), n]
+    # ref_logits rows follow the mask in token order: its running count maps chunks to rows.
+    ref_count = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)])
+    ref_offsets = ref_count[bounds].tolist()
+    no_ref = policy_logits.new_zeros(0, policy_logits.shape[-1])
     ce_parts, kl_parts = [], []
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        ref = policy_logits.new_zeros(0, policy_logits.shape[-1])
-        if ref_logits is not None:
-            ref = ref_logits[ref_offsets[start] : ref_offsets[stop]]
+    for i, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        ref = no_ref if ref_logits is None else ref_logits[ref_offsets[i] : ref_offsets[i + 1]]
         ref_index = mask[start:stop].nonzero(as_tuple=True)[0]
         args = (policy_logits[start:stop], targets[start:stop], ref, ref_index)
         if checkpoint_chunks:
@@ -237,17 +228,15 @@ def _reduce(
     betas = betas.to(ce_tok.device, torch.float32)
     weights = 1 - betas if sft_weights is None else sft_weights.to(ce_tok.device, torch.float32)
     counts = torch.bincount(row_ids, minlength=b).to(torch.float32)
-    ref_counts = torch.bincount(row_ids[mask], minlength=b)
     valid = counts > 0
-    denom = counts.clamp(min=1)
-    ce_row = ce_tok.new_zeros(b).index_add(0, row_ids, ce_tok) / denom
-    kl_row = kl_tok.new_zeros(b).index_add(0, row_ids, kl_tok) / denom
+    ce_row = ce_tok.new_zeros(b).index_add(0, row_ids, ce_tok) / counts.clamp(min=1)
+    kl_row = kl_tok.new_zeros(b).index_add(0, row_ids, kl_tok) / counts.clamp(min=1)
     if not bool(valid.any()):
         # Keep the graph connected so a caller's backward() stays a no-op, not an error.
         zero = policy_logits.sum().float() * 0.0
         return zero, LossStats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
     loss = (weights * ce_row + betas * kl_row)[valid].mean()
-    has_ref = valid & (ref_counts > 0)
+    has_ref = valid & (torch.bincount(row_ids[mask], minlength=b) > 0)
     stats = LossStats(
         loss=float(loss.detach()),
         ce=float(ce_row[valid].detach().mean()),

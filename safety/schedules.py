@@ -37,7 +37,7 @@ PAPER_MIN, PAPER_MAX = 0.1, 0.9
 class RegularizerConfig(BaseModel):
     """How risk turns into the KL weight beta of each training example."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     schedule: ScheduleName = "adaptive"
     """Which rule: ``off`` (plain SFT), ``fixed``, ``paper`` (batch-level) or ``adaptive``."""
@@ -55,9 +55,7 @@ class RegularizerConfig(BaseModel):
     @model_validator(mode="after")
     def _check_beta_range(self) -> Self:
         if self.beta_min > self.beta_max:
-            raise ValueError(
-                f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})"
-            )
+            raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
         return self
 
 
@@ -150,3 +148,29 @@ def _checked_risk(risk: Tensor) -> Tensor:
     if risk.numel() and bool(((risk < 0) | (risk > 1) | risk.isnan()).any()):
         raise ValueError(f"risk must lie in [0, 1], got {risk.tolist()}")
     return risk
+
+
+#: Named safety presets a job spec or the CLI can pick. ``adaptive`` leaves rows below risk 0.1
+#: untouched so that estimator noise on benign data costs no reference forwards.
+PRESETS: dict[str, RegularizerConfig] = {
+    "off": RegularizerConfig(schedule="off"),
+    "fixed": RegularizerConfig(schedule="fixed", beta=0.5),
+    "paper": RegularizerConfig(schedule="paper"),
+    "adaptive": RegularizerConfig(
+        schedule="adaptive", beta_min=0.0, beta_max=0.9, risk_threshold=0.1
+    ),
+}
+
+
+def preset_config(name: str) -> RegularizerConfig:
+    """The regularizer configuration of a named preset.
+
+    Raises:
+        ValueError: the name is not a preset; the message lists the presets.
+    """
+    try:
+        return PRESETS[name].model_copy()
+    except KeyError:
+        raise ValueError(
+            f"unknown safety preset {name!r}; choose one of {sorted(PRESETS)}"
+        ) from None
