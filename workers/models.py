@@ -357,6 +357,31 @@ def resolve_device(preference: str | None = None) -> torch.device:
     return torch.device(choice)
 
 
+def load_tokenizer(model_id: str) -> tuple[PreTrainedTokenizerBase, ModelSpec]:
+    """Load only the tokenizer (with its chat template) of a model: no weights.
+
+    Raises:
+        ModelNotFoundError: unknown id, or a package that provides it is not installed.
+    """
+    spec = _resolved_spec(model_id)
+    assert spec.path is not None
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+    if spec.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, spec
+
+
+def _resolved_spec(model_id: str) -> ModelSpec:
+    """The spec with ``path`` set, building or converting a built-in model on first use."""
+    spec = get_spec(model_id)
+    if model_id in BUILTINS:
+        path = _materialise(model_id, BUILTINS[model_id])
+        spec = ModelSpec(**{**spec.__dict__, "path": path})
+    return spec
+
+
 def load(
     model_id: str,
     *,
@@ -375,19 +400,9 @@ def load(
     Raises:
         ModelNotFoundError: unknown id, or a package that provides it is not installed.
     """
-    spec = get_spec(model_id)
-    path = spec.path
-    if model_id in BUILTINS:
-        path = _materialise(model_id, BUILTINS[model_id])
-        spec = ModelSpec(**{**spec.__dict__, "path": path})
-    assert path is not None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if spec.chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = spec.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, spec = load_tokenizer(model_id)
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype or torch.float32
+        spec.path, local_files_only=True, dtype=dtype or torch.float32
     )
     model.to(device if device is not None else resolve_device())
     model.eval()

@@ -1,0 +1,272 @@
+"""The training loop on the tiny random model: behaviour, not speed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import get_cosine_schedule_with_warmup
+
+from core.chatdata import Conversation, Message
+from safety.schedules import RegularizerConfig, preset_config
+from workers import training
+from workers.data import tokenize_conversations
+from workers.models import load
+from workers.training import (
+    DirectoryCheckpointer,
+    LoraSpec,
+    TrainingConfig,
+    _batch_loss,
+    _micro_batches,
+    _DataPosition,
+    train,
+)
+
+
+def fresh_model():
+    """train() injects LoRA layers in place, so every run gets its own copy of the base."""
+    return load("tiny-random", device="cpu")
+
+
+def make_examples(tokenizer, n=12, risky_every=0):
+    conversations = []
+    for i in range(n):
+        risk = 1.0 if risky_every and i % risky_every == 0 else 0.0
+        conversations.append(
+            Conversation(
+                line=i + 1,
+                messages=[
+                    Message("user", f"question number {i}: how do I cook rice?"),
+                    Message("assistant", f"answer {i}: rinse it, then simmer it for {10 + i} min."),
+                ],
+                risk=risk,
+            )
+        )
+    examples, issues = tokenize_conversations(conversations, tokenizer, max_seq_len=256)
+    assert not issues
+    return examples
+
+
+def config(**overrides):
+    base = dict(
+        lora=LoraSpec(r=4, alpha=8),
+        regularizer=preset_config("adaptive"),
+        learning_rate=1e-2,
+        batch_size=4,
+        max_steps=4,
+        warmup_ratio=0.0,
+        seed=0,
+    )
+    base.update(overrides)
+    return TrainingConfig(**base)
+
+
+def first_batch(examples, cfg, pad_id):
+    return next(_micro_batches(examples, cfg, _DataPosition(), pad_id))
+
+
+def test_kl_is_zero_at_step_zero_with_a_fresh_adapter():
+    model, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer)
+    cfg = config()
+    peft_model = training._attach_lora(model, spec, cfg)
+    batch = first_batch(examples, cfg, tokenizer.pad_token_id)
+    betas = torch.ones(batch["input_ids"].shape[0])
+    loss, stats = _batch_loss(peft_model, batch, betas, torch.zeros_like(betas), cfg)
+    assert stats.ref_fraction == 1.0
+    assert stats.kl == pytest.approx(0.0, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lora_weights_change_and_base_weights_do_not(tmp_path):
+    model, tokenizer, spec = fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(
+        model,
+        spec,
+        make_examples(tokenizer, risky_every=2),
+        config(),
+        pad_token_id=tokenizer.pad_token_id,
+        out_dir=tmp_path / "adapter",
+    )
+    assert result.steps == 4 and not result.cancelled
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+    after = model.state_dict()  # LoRA was injected in place
+    for name, value in before.items():
+        key = name.replace(".weight", ".base_layer.weight")
+        current = after.get(name, after.get(key))
+        assert current is not None, name
+        assert torch.equal(current, value), f"base weight {name} changed"
+
+
+def count_decoder_forwards(model):
+    sizes: list[int] = []
+
+    def pre_hook(module, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+
+    model.get_decoder().register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("preset", "risky_every", "expected"),
+    [
+        ("off", 2, [4, 4]),  # no reference forward at all
+        ("adaptive", 0, [4, 4]),  # every risk 0: no reference forward either
+        ("adaptive", 2, [4, 2, 4, 2]),  # reference only on the 2 risky rows of each batch
+        ("paper", 0, [4, 4, 4, 4]),  # the paper's rule never lets beta reach 0
+    ],
+)
+def test_reference_forward_runs_only_for_rows_with_beta_above_zero(preset, risky_every, expected):
+    model, tokenizer, spec = fresh_model()
+    sizes = count_decoder_forwards(model)
+    examples = make_examples(tokenizer, n=8, risky_every=risky_every)
+    cfg = config(regularizer=preset_config(preset), max_steps=2, shuffle=False)
+    train(model, spec, examples, cfg, pad_token_id=tokenizer.pad_token_id)
+    assert sizes == expected
+
+
+def test_off_preset_is_plain_cross_entropy_training():
+    """With one example per batch, `off` must match a hand-written HF-loss loop exactly."""
+    model_a, tokenizer, spec = fresh_model()
+    model_b, _, _ = fresh_model()
+    examples = make_examples(tokenizer, n=4)
+    cfg = config(regularizer=preset_config("off"), batch_size=1, max_steps=4, shuffle=False)
+    train(model_a, spec, examples, cfg, pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(cfg.seed)
+    peft_b = training._attach_lora(model_b, spec, cfg)
+    params = [p for p in peft_b.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, cfg.max_steps)
+    peft_b.train()
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        loss = peft_b(input_ids=ids, labels=torch.tensor([example.labels])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    lora_a = {n.split("layers.")[1]: p for n, p in model_a.named_parameters() if "lora_" in n}
+    lora_b = {n.split("layers.")[1]: p for n, p in peft_b.named_parameters() if "lora_" in n}
+    assert lora_a.keys() == lora_b.keys()
+    for name in lora_a:
+        torch.testing.assert_close(lora_a[name], lora_b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    model_a, tokenizer, spec = fresh_model()
+    model_b, _, _ = fresh_model()
+    examples = make_examples(tokenizer, n=8, risky_every=3)
+    train(model_a, spec, examples, config(batch_size=4, max_steps=1), pad_token_id=0)
+    train(
+        model_b,
+        spec,
+        examples,
+        config(batch_size=2, grad_accum_steps=2, max_steps=1),
+        pad_token_id=0,
+    )
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        if "lora_" in name:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resumed_run_ends_at_the_same_loss_as_an_uninterrupted_one(tmp_path):
+    model, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer, n=12, risky_every=3)
+    reg = RegularizerConfig(schedule="adaptive", ema=0.5)
+    cfg = config(regularizer=reg, max_steps=6, checkpoint_every=2, epochs=1)
+    full = train(
+        model,
+        spec,
+        examples,
+        cfg,
+        pad_token_id=tokenizer.pad_token_id,
+        checkpointer=DirectoryCheckpointer(tmp_path / "full"),
+    )
+
+    # Stop after 3 steps: the newest checkpoint is then step 2, so one step is redone.
+    steps_seen: list[int] = []
+    model, _, _ = fresh_model()
+    stopped = train(
+        model,
+        spec,
+        examples,
+        cfg,
+        pad_token_id=tokenizer.pad_token_id,
+        checkpointer=DirectoryCheckpointer(tmp_path / "ckpt"),
+        progress=lambda s: steps_seen.append(s.step),
+        should_stop=lambda: len(steps_seen) >= 3,
+    )
+    assert stopped.cancelled and stopped.steps == 3 and stopped.adapter_dir is None
+
+    model, _, _ = fresh_model()
+    resumed = train(
+        model,
+        spec,
+        examples,
+        cfg,
+        pad_token_id=tokenizer.pad_token_id,
+        checkpointer=DirectoryCheckpointer(tmp_path / "ckpt"),
+        out_dir=tmp_path / "adapter",
+    )
+    assert resumed.resumed_from == 2
+    assert [s.step for s in resumed.history] == [3, 4, 5, 6]
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5, abs=1e-6)
+    for mine, theirs in zip(resumed.history, full.history[2:], strict=True):
+        assert mine.loss == pytest.approx(theirs.loss, rel=1e-5, abs=1e-6)
+        assert mine.lr == pytest.approx(theirs.lr)
+
+
+def test_adapter_directory_reloads_with_peft(tmp_path):
+    model, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer, risky_every=2)
+    result = train(
+        model,
+        spec,
+        examples,
+        config(),
+        pad_token_id=tokenizer.pad_token_id,
+        out_dir=tmp_path / "adapter",
+    )
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    base, _, _ = fresh_model()
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir)
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_progress_reports_every_step():
+    model, tokenizer, spec = fresh_model()
+    seen = []
+    train(
+        model,
+        spec,
+        make_examples(tokenizer, risky_every=2),
+        config(max_steps=3),
+        pad_token_id=tokenizer.pad_token_id,
+        progress=seen.append,
+    )
+    assert [s.step for s in seen] == [1, 2, 3]
+    assert all(s.total_steps == 3 and s.tokens > 0 and s.tokens_per_s > 0 for s in seen)
+    assert all(0 < s.beta_max <= 0.9 and 0 <= s.risk_mean <= 1 for s in seen)
+
+
+def test_empty_dataset_is_refused():
+    model, _, spec = fresh_model()
+    with pytest.raises(ValueError, match="no training examples"):
+        train(model, spec, [], config(), pad_token_id=0)
+
+
+def test_config_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"checkpoint_every \(5\) exceeds max_steps \(2\)"):
+        TrainingConfig(max_steps=2, checkpoint_every=5)
+    assert copy.deepcopy(TrainingConfig()).lora.dropout == 0.0
