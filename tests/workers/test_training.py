@@ -19,8 +19,8 @@ from workers.training import (
     LoraSpec,
     TrainingConfig,
     _batch_loss,
-    _micro_batches,
     _DataPosition,
+    _micro_batches,
     train,
 )
 
@@ -172,7 +172,9 @@ def test_gradient_accumulation_matches_one_large_batch():
         config(batch_size=2, grad_accum_steps=2, max_steps=1),
         pad_token_id=0,
     )
-    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+    for (name, a), (_, b) in zip(
+        model_a.named_parameters(), model_b.named_parameters(), strict=True
+    ):
         if "lora_" in name:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
