@@ -30,7 +30,7 @@ test: setup lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest -q
 
 demo: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m core.demo $(if $(QUICK),--quick,)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m cli.demo $(if $(QUICK),--quick,)
 
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'

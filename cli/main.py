@@ -25,10 +25,13 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 
-def _quiet_transformers() -> None:
-    """Keep the terminal for our own progress bars."""
+def quiet_transformers() -> None:
+    """Keep the terminal for our own progress bars and messages."""
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -54,7 +57,7 @@ def models_prepare(model: Annotated[str, typer.Argument(help="Registry id or loc
 
     from workers.models import ModelNotFoundError, load
 
-    _quiet_transformers()
+    quiet_transformers()
     started = time.perf_counter()
     try:
         loaded, _, spec = load(model, device="cpu")
@@ -114,7 +117,7 @@ def train(
     from workers.pipeline import run_local_training
     from workers.training import LoraSpec, TrainingConfig
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = TrainingConfig(
             lora=LoraSpec(r=lora_r, alpha=2 * lora_r),

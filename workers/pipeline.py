@@ -68,7 +68,7 @@ def run_local_training(
         raise DatasetValidationError(issues)
     model, tokenizer, spec = load(model_id)
     checkpointer = DirectoryCheckpointer(checkpoint_dir) if checkpoint_dir else None
-    callbacks = [cb for cb in (progress, _progress_bar() if show_progress else None) if cb]
+    callbacks = [cb for cb in (progress, progress_bar() if show_progress else None) if cb]
 
     def report(stats: StepStats) -> None:
         for callback in callbacks:
@@ -87,7 +87,7 @@ def run_local_training(
     )
 
 
-def _progress_bar() -> ProgressFn:
+def progress_bar() -> ProgressFn:
     """A tqdm bar fed by the per-step stats (created on the first step, when totals are known)."""
     from tqdm.auto import tqdm
 

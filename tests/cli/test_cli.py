@@ -1,0 +1,80 @@
+"""The `tether` command line, run in-process with typer's runner on the tiny model."""
+
+import json
+
+from typer.testing import CliRunner
+
+from cli import demo
+from cli.main import app
+
+runner = CliRunner()
+
+
+def test_models_list_names_the_builtins():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert "tiny-random" in result.output and "smollm2-135m-instruct" in result.output
+
+
+def test_unknown_model_fails_with_a_way_to_get_it():
+    result = runner.invoke(app, ["models", "prepare", "org/not-here"])
+    assert result.exit_code == 1
+    assert "never downloaded" in result.output
+
+
+def test_data_validate_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "yo"}]}\n'
+        "not json\n"
+        '{"messages": [{"role": "robot", "content": "x"}]}\n'
+        '{"prompt": "q"}\n'
+    )
+    result = runner.invoke(app, ["data", "validate", str(bad), "--model", "tiny-random"])
+    assert result.exit_code == 1
+    assert "line 2" in result.output and "[invalid_json]" in result.output
+    assert "line 3" in result.output and "[unknown_role]" in result.output
+    assert "line 4" in result.output
+    assert "1 valid examples" in result.output
+
+
+def test_train_writes_an_adapter_and_resumes_from_its_checkpoint(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(demo.SAMPLE.read_text())
+    args = [
+        "train", "--model", "tiny-random", "--data", str(data), "--preset", "paper",
+        "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "adapter"),
+        "--json", str(tmp_path / "run.json"),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from"] == 0
+    assert all(step["beta_mean"] >= 0.1 for step in summary["history"])  # paper rule floor
+
+    again = runner.invoke(app, args)  # the step-2 checkpoint is there: resume from it
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] == 2
+
+
+def test_train_rejects_an_unknown_preset(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(demo.SAMPLE.read_text())
+    result = runner.invoke(
+        app,
+        ["train", "--model", "tiny-random", "--data", str(data), "--preset", "yolo",
+         "--out", str(tmp_path / "a")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "choose one of" in result.output
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    assert demo.main(["--quick", "--out", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "40 valid examples" in out
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "run.json").read_text())["steps"] == 4
