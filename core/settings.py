@@ -53,6 +53,35 @@ class Settings(BaseSettings):
         "celery: jobs go to Celery workers through redis_url.",
     )
 
+    public_base_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="How clients reach the API; local-storage download links point here.",
+    )
+
+    # --- workers ----------------------------------------------------------------------------
+    worker_queue: str = Field("tether.jobs", description="Celery queue the GPU workers consume.")
+    job_max_attempts: int = Field(
+        3, ge=1, le=20, description="Deliveries of one job before it is failed instead of retried."
+    )
+    job_visibility_timeout_seconds: int = Field(
+        12 * 3600,
+        ge=60,
+        description="Redis visibility timeout: must exceed the longest job, or a running job "
+        "is delivered twice.",
+    )
+    job_stale_after_seconds: int = Field(
+        300,
+        ge=5,
+        description="A running job whose worker heartbeat is older than this is presumed dead "
+        "and re-enqueued by the reconciler.",
+    )
+    reconcile_interval_seconds: int = Field(
+        30, ge=1, description="How often the reconciler looks for lost or stuck jobs."
+    )
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of a worker's Prometheus endpoint (0: off)."
+    )
+
     # --- object storage ---------------------------------------------------------------------
     storage_backend: Literal["local", "s3"] = Field("local", description="Where objects live.")
     storage_local_dir: Path | None = Field(
