@@ -1,0 +1,134 @@
+"""How the API hands a job to a worker.
+
+The API records a job and calls ``get_dispatcher().submit(job_id)``; only the id travels, and
+the worker re-reads everything else from the database. Two dispatchers:
+
+* :class:`CeleryDispatcher` sends the task by name (``tether.run_job`` on queue
+  ``tether.jobs``), so the API process never imports ``workers`` (or torch).
+* :class:`InProcessDispatcher` runs a callable in a one-thread pool inside the API process:
+  the embedded default, where the API process is also the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "tether.run_job"
+QUEUE_NAME = "tether.jobs"
+#: The in-process runner, imported only when the first job is submitted in inprocess mode.
+INPROCESS_RUNNER = "workers.pipeline:run_job"
+
+
+class Dispatcher(Protocol):
+    """Something that starts a job's pipeline somewhere."""
+
+    def submit(self, job_id: str) -> None:
+        """Hand ``job_id`` to a worker; returns once it is handed over (not when it is done)."""
+
+
+class DispatchError(RuntimeError):
+    """A job could not be handed to a worker (broker down); the job has been failed."""
+
+
+def dispatch_job(session: Session, dispatcher: Dispatcher, job_id: str) -> None:
+    """Hand a newly created job to a worker; if that fails, fail the job so it cannot linger.
+
+    Raises:
+        DispatchError: the dispatcher raised (the API answers 503).
+    """
+    from core.jobs import transition
+
+    try:
+        dispatcher.submit(job_id)
+    except Exception as error:
+        log.exception("could not dispatch job %s", job_id)
+        transition(session, job_id, "failed", f"could not enqueue the job: {type(error).__name__}")
+        raise DispatchError(f"job {job_id} could not be queued: {type(error).__name__}") from error
+
+
+class CeleryDispatcher:
+    """Sends ``tether.run_job(job_id)`` to Celery through the broker at ``redis_url``."""
+
+    def __init__(self, redis_url: str) -> None:
+        from celery import Celery
+
+        self.redis_url = redis_url
+        self.app = Celery("tether-api", broker=redis_url)
+
+    def submit(self, job_id: str) -> None:
+        self.app.send_task(TASK_NAME, args=[job_id], queue=QUEUE_NAME)
+
+
+class InProcessDispatcher:
+    """Runs ``runner(job_id)`` in a background thread, one job at a time.
+
+    Args:
+        runner: the pipeline entry point (``workers.pipeline.run_job``), or its
+            ``"module:function"`` path, imported on first use.
+    """
+
+    def __init__(self, runner: Callable[[str], None] | str) -> None:
+        self._runner = runner
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-job")
+        self._lock = threading.Lock()
+
+    def _resolve(self) -> Callable[[str], None]:
+        with self._lock:
+            runner = self._runner
+            if isinstance(runner, str):
+                module, _, name = runner.partition(":")
+                runner = self._runner = getattr(importlib.import_module(module), name)
+            return runner
+
+    def submit(self, job_id: str) -> None:
+        self._executor.submit(self._run, job_id).add_done_callback(_log_failure)
+
+    def _run(self, job_id: str) -> None:
+        self._resolve()(job_id)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop taking jobs; with ``wait``, let the running one finish."""
+        self._executor.shutdown(wait=wait)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    if (error := future.exception()) is not None:
+        log.error("in-process job runner failed", exc_info=error)
+
+
+_dispatcher: Dispatcher | None = None
+_dispatcher_lock = threading.Lock()
+
+
+def set_dispatcher(dispatcher: Dispatcher | None) -> None:
+    """Install the process-wide dispatcher (``None`` goes back to the settings' default)."""
+    global _dispatcher
+    with _dispatcher_lock:
+        _dispatcher = dispatcher
+
+
+def get_dispatcher(settings: Settings | None = None) -> Dispatcher:
+    """The process-wide dispatcher; by default the one ``settings.worker_mode`` names."""
+    global _dispatcher
+    with _dispatcher_lock:
+        if _dispatcher is None:
+            _dispatcher = default_dispatcher(settings or get_settings())
+        return _dispatcher
+
+
+def default_dispatcher(settings: Settings) -> Dispatcher:
+    """Celery for ``worker_mode=celery``, otherwise the in-process runner."""
+    if settings.worker_mode == "celery":
+        return CeleryDispatcher(settings.redis_url)
+    return InProcessDispatcher(INPROCESS_RUNNER)
