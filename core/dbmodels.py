@@ -148,6 +148,10 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    """The worker holding the job (``host:pid``), while one does."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    """When that worker last showed it is alive; stale means presumed dead."""
 
 
 class JobEvent(Base):

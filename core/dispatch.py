@@ -42,13 +42,15 @@ class DispatchError(RuntimeError):
 
 
 def dispatch_job(session: Session, dispatcher: Dispatcher, job_id: str) -> None:
-    """Hand a newly created job to a worker; if that fails, fail the job so it cannot linger.
+    """Queue a newly created job and hand it to a worker; if that fails, fail the job.
 
     Raises:
         DispatchError: the dispatcher raised (the API answers 503).
     """
     from core.jobs import transition
 
+    # Queued first: a fast in-process worker must find the job already waiting for it.
+    transition(session, job_id, "queued", "handed to a worker", from_={"validating"})
     try:
         dispatcher.submit(job_id)
     except Exception as error:

@@ -30,6 +30,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
@@ -838,3 +839,102 @@ def list_events(
         stmt = stmt.where(JobEvent.id > after)
     rows = list(session.scalars(stmt.order_by(JobEvent.id).limit(limit + 1)))
     return Page(rows[:limit], len(rows) > limit)
+
+
+# --- the worker lease -------------------------------------------------------------------------
+# A worker holds a job while it runs it and shows it is alive with heartbeats. A worker killed
+# outright (OOM, kill -9) stops beating; once its heartbeat is older than the staleness limit,
+# the reconciler hands the job back to the queue and any worker may take it over.
+
+_HELD = (JobStatus.PRESCREENING, JobStatus.RUNNING, JobStatus.AUDITING)
+
+
+def claim(session: Session, job_id: str, worker_id: str, stale_after_seconds: float) -> bool:
+    """Take the job's lease for ``worker_id`` unless another live worker holds it. Commits.
+
+    Returns:
+        True when ``worker_id`` now holds the job; False when the job is finished or a worker
+        whose heartbeat is fresh holds it (a duplicate delivery should then just return).
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=stale_after_seconds)
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_([s.value for s in ACTIVE_STATUSES]),
+            or_(
+                Job.worker_id.is_(None),
+                Job.worker_id == worker_id,
+                Job.heartbeat_at.is_(None),
+                Job.heartbeat_at < cutoff,
+            ),
+        )
+        .values(worker_id=worker_id, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
+    """Refresh the lease; False when ``worker_id`` no longer holds the job. Commits."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release_lease(session: Session, job_id: str, worker_id: str) -> None:
+    """Give the lease up (the job finished, or this worker is shutting down). Commits."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id)
+        .values(worker_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def stale_jobs(session: Session, stale_after_seconds: float) -> list[Job]:
+    """Jobs a worker was running whose heartbeat is older than the limit (worker presumed dead)."""
+    cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.status.in_([s.value for s in _HELD]),
+                or_(
+                    Job.heartbeat_at < cutoff,
+                    and_(Job.heartbeat_at.is_(None), Job.updated_at < cutoff),
+                ),
+            )
+        )
+    )
+
+
+def jobs_in(session: Session, statuses: Iterable[str], older_than_seconds: float = 0) -> list[Job]:
+    """Jobs in the given statuses not updated for ``older_than_seconds``."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return list(
+        session.scalars(select(Job).where(Job.status.in_(list(statuses)), Job.updated_at <= cutoff))
+    )
+
+
+def requeue(session: Session, job_id: str, reason: str) -> Job:
+    """Hand a job whose worker died back to the queue (the lease is dropped). Commits.
+
+    Raises:
+        IllegalTransition: the job moved on meanwhile (finished, or was claimed again).
+    """
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(worker_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return transition(session, job_id, JobStatus.QUEUED, reason, from_=_HELD)

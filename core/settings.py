@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The placeholder secret. Accepted in development only; any other environment must set its own.
@@ -113,6 +113,31 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(
         1024, ge=16, description="Longest tokenized example (prompt + response) accepted."
     )
+
+    max_concurrent_jobs: int = Field(
+        4, ge=1, description="Default number of unfinished jobs a tenant may have at once."
+    )
+
+    # --- risk estimation and audit ----------------------------------------------------------
+    critic_backend: Literal["embedding", "llm"] = Field(
+        "embedding",
+        description="embedding: MiniLM + trained heads (offline); llm: an OpenAI-compatible judge.",
+    )
+    critic_llm_base_url: str = Field("", description="Base URL of the LLM judge (llm backend).")
+    critic_llm_model: str = Field("", description="Model name of the LLM judge (llm backend).")
+    critic_llm_api_key: SecretStr | None = Field(
+        None, description="API key of the LLM judge; never logged."
+    )
+    critic_llm_fallback_score: float = Field(
+        3.0, ge=1, le=5, description="Score given when the judge's answer cannot be parsed."
+    )
+    audit_suites: list[str] = Field(
+        default_factory=list,
+        description="Audit suites: 'builtin:audit' and/or JSONL/CSV files with prompt, category, "
+        "kind; empty means the built-in audit split.",
+    )
+    audit_max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens per audit answer.")
+    audit_batch_size: int = Field(32, ge=1, le=1024, description="Prompts per generate call.")
 
     # --- safety thresholds ------------------------------------------------------------------
     max_asr: float = Field(

@@ -120,7 +120,7 @@ def drive_job(db_url: str, store: ObjectStore, job_id: str, *, outcome: str = "s
     """
     with session_scope(db_url) as session:
         job = jobs.get_job(session, job_id)
-        for status in ("queued", "prescreening", "running", "auditing", outcome):
+        for status in ("prescreening", "running", "auditing", outcome):
             jobs.transition(session, job_id, status)
         risk = report_key(job.tenant_id, job_id, "risk")
         audit = report_key(job.tenant_id, job_id, "audit")

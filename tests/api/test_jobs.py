@@ -17,21 +17,21 @@ from tests.api.conftest import Tenant, create_job, drive_job, make_tenant, uploa
 from tests.dbutil import FailingDispatcher
 
 
-def test_create_records_a_validating_job_and_dispatches_it(client, tenant_a, dispatcher):
+def test_create_queues_the_job_and_dispatches_it(client, tenant_a, dispatcher):
     response = create_job(
         client, tenant_a, preset="paper", hyperparameters={"lora": {"r": 4}, "max_steps": 3}
     )
 
     assert response.status_code == 201
     job = response.json()
-    assert job["id"].startswith("ftjob-") and job["status"] == "validating"
+    assert job["id"].startswith("ftjob-") and job["status"] == "queued"
     assert job["preset"] == "paper"
     assert job["hyperparameters"]["lora"] == {"r": 4, "alpha": 32.0, "dropout": 0.0}
     assert job["hyperparameters"]["max_steps"] == 3
     assert dispatcher.submitted == [job["id"]]
     assert client.get(f"/jobs/{job['id']}", headers=tenant_a.headers).json() == job
     events = client.get(f"/jobs/{job['id']}/events", headers=tenant_a.headers).json()["data"]
-    assert [event["type"] for event in events] == ["created"]
+    assert [event["type"] for event in events] == ["created", "status"]
 
 
 def test_invalid_specs_are_422_naming_the_field(client, tenant_a: Tenant):
@@ -131,7 +131,7 @@ def test_cancel_before_a_worker_starts_is_final_at_once(client, tenant_a: Tenant
 def test_cancel_of_a_running_job_only_flags_it(client, tenant_a: Tenant, db_url: str):
     job_id = create_job(client, tenant_a).json()["id"]
     with session_scope(db_url) as session:
-        for status in ("queued", "prescreening", "running"):
+        for status in ("prescreening", "running"):
             jobs.transition(session, job_id, status)
 
     response = client.post(f"/jobs/{job_id}/cancel", headers=tenant_a.headers)

@@ -22,6 +22,10 @@ from tests.dbutil import (
 TABLES = {"tenants", "api_keys", "files", "jobs", "job_events", "idempotency_records"}
 
 
+#: The newest migration; bump with each new file in core/migrations/versions.
+HEAD_REVISION = "0002"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     return db_url_for(request.param, tmp_path)
@@ -31,7 +35,7 @@ def test_migrations_create_every_table_and_match_the_models(db_url: str):
     engine = get_engine(db_url)
 
     assert set(inspect(engine).get_table_names()) >= TABLES
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == HEAD_REVISION
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
@@ -39,7 +43,7 @@ def test_migrations_create_every_table_and_match_the_models(db_url: str):
 
 def test_migrate_is_idempotent(db_url: str):
     migrate(db_url)
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == HEAD_REVISION
 
 
 def test_downgrade_and_upgrade_round_trip_on_a_fresh_postgres_database():
