@@ -19,6 +19,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -78,7 +79,105 @@ def record_file_upload(accepted: bool) -> None:
 
 
 # --- worker ---------------------------------------------------------------------------------
-# (worker metrics are defined here too, by the worker side)
+# Gauges in prefork workers aggregate with the "livesum"/"max" modes of multiprocess mode.
+
+#: Share buckets for rates in [0, 1] (ASR, over-refusal, risk, beta).
+SHARE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+LOSS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0)
+KL_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+JOB_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
+
+QUEUE_DEPTH = Gauge(
+    f"{PREFIX}_queue_depth",
+    documentation="Jobs waiting in the broker queue, as last seen by a worker's reconciler.",
+    multiprocess_mode="max",
+)
+JOB_DURATION = Histogram(
+    f"{PREFIX}_job_duration_seconds",
+    documentation="Wall time of one job delivery from claim to final status, by outcome.",
+    labelnames=("outcome",),
+    buckets=JOB_DURATION_BUCKETS,
+)
+JOBS_FINISHED = Counter(
+    f"{PREFIX}_jobs_finished_total",
+    documentation="Jobs that reached a final status, by status.",
+    labelnames=("status",),
+)
+TOKENS_PER_SECOND = Gauge(
+    f"{PREFIX}_training_tokens_per_second",
+    documentation="Training throughput of the latest optimizer step (tokens per second).",
+    multiprocess_mode="livesum",
+)
+TRAIN_LOSS = Histogram(
+    f"{PREFIX}_train_loss",
+    documentation="Adaptive-KL training loss per optimizer step.",
+    buckets=LOSS_BUCKETS,
+)
+TRAIN_KL = Histogram(
+    f"{PREFIX}_train_kl",
+    documentation="KL(reference || policy) per optimizer step, over rows with beta > 0.",
+    buckets=KL_BUCKETS,
+)
+TRAIN_BETA = Histogram(
+    f"{PREFIX}_train_beta",
+    documentation="Mean KL weight beta per optimizer step.",
+    buckets=SHARE_BUCKETS,
+)
+EXAMPLE_RISK = Histogram(
+    f"{PREFIX}_example_risk",
+    documentation="Combined safety risk of each training example at pre-screening.",
+    buckets=SHARE_BUCKETS,
+)
+AUDIT_ASR = Histogram(
+    f"{PREFIX}_audit_asr",
+    documentation="Attack success rate of each audited adapter (critic-judged).",
+    buckets=SHARE_BUCKETS,
+)
+AUDIT_OVER_REFUSAL = Histogram(
+    f"{PREFIX}_audit_over_refusal",
+    documentation="Share of benign audit prompts each audited adapter refused.",
+    buckets=SHARE_BUCKETS,
+)
+RELEASES = Counter(
+    f"{PREFIX}_releases_total",
+    documentation="Audit verdicts: adapters released or quarantined.",
+    labelnames=("verdict",),
+)
+JOB_ATTEMPTS = Counter(
+    f"{PREFIX}_job_attempts_total",
+    documentation="Deliveries of jobs to workers (first runs and redeliveries).",
+)
+JOB_RESUMES = Counter(
+    f"{PREFIX}_job_resumes_total",
+    documentation="Trainings resumed from a checkpoint after a worker was lost.",
+)
+
+
+def record_training_step(loss: float, kl: float, beta: float, tokens_per_second: float) -> None:
+    """One optimizer step's figures."""
+    TRAIN_LOSS.observe(loss)
+    TRAIN_KL.observe(max(kl, 0.0))
+    TRAIN_BETA.observe(beta)
+    TOKENS_PER_SECOND.set(tokens_per_second)
+
+
+def record_risks(risks: list[float]) -> None:
+    """The risk of every pre-screened example."""
+    for risk in risks:
+        EXAMPLE_RISK.observe(risk)
+
+
+def record_audit(asr: float, over_refusal: float, released: bool) -> None:
+    """One audit's figures and the gate's verdict."""
+    AUDIT_ASR.observe(asr)
+    AUDIT_OVER_REFUSAL.observe(over_refusal)
+    RELEASES.labels("released" if released else "quarantined").inc()
+
+
+def record_job_finished(status: str, seconds: float) -> None:
+    """A delivery that ended the job, with its duration."""
+    JOBS_FINISHED.labels(status).inc()
+    JOB_DURATION.labels(status).observe(seconds)
 
 
 # --- exposition -----------------------------------------------------------------------------

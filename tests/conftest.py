@@ -38,3 +38,26 @@ def tiny_model():
     from workers.models import load
 
     return load("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_critic():
+    """A Safety Critic trained on a subset of the built-in train split, saved where the worker
+    looks for it (seconds; the full one is `tether critic train`). Returns the artifact path."""
+    from safety.critic import CriticData, critic_data, train_critic
+    from workers.risk import critic_dir
+
+    def subset(data: CriticData, step: int) -> CriticData:
+        return CriticData(*(getattr(data, n)[::step] for n in CriticData.__dataclass_fields__))
+
+    path = critic_dir(get_settings()) / "critic.json"
+    if not path.is_file():
+        train_critic(
+            path,
+            train=subset(critic_data("train"), 3),
+            validation=subset(critic_data("validation"), 3),
+            layers=(2, 4),
+            penalties=(0.1,),
+            response_tokens=32,
+        )
+    return path

@@ -43,16 +43,12 @@ from workers.risk import load_critic
 
 Progress = Callable[[str], None]
 
-DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_BATCH_SIZE = 32
-
-
 def audit_config(settings: Settings | None = None) -> AuditConfig:
     """Generation settings of the audit (``audit_max_new_tokens``, ``audit_batch_size``)."""
     settings = settings or get_settings()
     return AuditConfig(
-        max_new_tokens=getattr(settings, "audit_max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-        batch_size=getattr(settings, "audit_batch_size", DEFAULT_BATCH_SIZE),
+        max_new_tokens=settings.audit_max_new_tokens,
+        batch_size=settings.audit_batch_size,
     )
 
 
@@ -60,7 +56,7 @@ def suite_sources(settings: Settings | None = None) -> list[str | Path]:
     """The suites ``settings.audit_suites`` names (``builtin:audit`` and/or files); empty means
     the built-in audit split."""
     settings = settings or get_settings()
-    return list(getattr(settings, "audit_suites", None) or [])
+    return list(settings.audit_suites)
 
 
 def load_judge(settings: Settings | None = None) -> Judge:

@@ -80,17 +80,15 @@ def load_critic(
     """
     settings = settings or get_settings()
     cache = ScoreCache(critic_dir(settings) / "scores.sqlite")
-    backend = getattr(settings, "critic_backend", "embedding")
+    backend = settings.critic_backend
     if backend == "llm":
         # SecretStr in settings keeps the key out of reprs and logs; unwrap it only here.
-        key: Any = getattr(settings, "critic_llm_api_key", None)
-        if key is not None and hasattr(key, "get_secret_value"):
-            key = key.get_secret_value()
+        secret = settings.critic_llm_api_key
         return LLMCritic(
-            settings.critic_llm_base_url,  # type: ignore[attr-defined]
-            settings.critic_llm_model,  # type: ignore[attr-defined]
-            key,
-            fallback_score=getattr(settings, "critic_llm_fallback_score", 3.0),
+            settings.critic_llm_base_url,
+            settings.critic_llm_model,
+            secret.get_secret_value() if secret is not None else None,
+            fallback_score=settings.critic_llm_fallback_score,
             cache=cache,
         )
     path = critic_dir(settings) / "critic.json"

@@ -72,7 +72,7 @@ def create_job(
 
 def max_concurrent_jobs(settings: Settings) -> int:
     """The deployment's default per-tenant limit (settings field, when the deployment has it)."""
-    return int(getattr(settings, "max_concurrent_jobs", jobs.DEFAULT_MAX_CONCURRENT_JOBS))
+    return settings.max_concurrent_jobs
 
 
 @router.get("", responses=error_responses(400, 401, 422))

@@ -64,7 +64,7 @@ def judge(monkeypatch):
     """A judge that never sees an attack succeed, installed where the worker loads the critic."""
     fixed = FixedJudge(1.0)
     monkeypatch.setattr("workers.audit.load_judge", lambda settings=None: fixed)
-    monkeypatch.setattr("workers.audit.DEFAULT_MAX_NEW_TOKENS", 2)
+    monkeypatch.setenv("TETHER_AUDIT_MAX_NEW_TOKENS", "2")
     return fixed
 
 
@@ -110,7 +110,7 @@ def test_adapter_is_audited_against_the_base_model(tmp_path, suite_file, judge):
 
 def test_a_rejected_model_exits_non_zero_with_the_reason(suite_file, monkeypatch):
     monkeypatch.setattr("workers.audit.load_judge", lambda settings=None: FixedJudge(5.0))
-    monkeypatch.setattr("workers.audit.DEFAULT_MAX_NEW_TOKENS", 1)
+    monkeypatch.setenv("TETHER_AUDIT_MAX_NEW_TOKENS", "1")
     result = runner.invoke(app, ["audit", "--model", "tiny-random", "--suite", str(suite_file)])
     assert result.exit_code == 1
     assert "verdict: QUARANTINE (rejected: ASR 1.000 > max_asr 0.100" in result.output

@@ -63,7 +63,7 @@ def suite_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def short_generation(monkeypatch):
     """Keep generation to a few tokens (the settings fields may not exist yet)."""
-    monkeypatch.setattr("workers.audit.DEFAULT_MAX_NEW_TOKENS", 3)
+    monkeypatch.setenv("TETHER_AUDIT_MAX_NEW_TOKENS", "3")
 
 
 @pytest.fixture(scope="module")
