@@ -147,6 +147,22 @@ def train(
         json_out.write_text(json.dumps(summary, indent=2))
 
 
+def _register_subcommands() -> None:
+    """Commands that live in their own modules (imports stay light until a command runs)."""
+    from cli.audit import audit
+    from cli.risk import critic_app, prescreen, probe_app
+    from cli.worker import worker
+
+    app.add_typer(critic_app, name="critic")
+    app.add_typer(probe_app, name="probe")
+    app.command("prescreen")(prescreen)
+    app.command("audit")(audit)
+    app.command("worker")(worker)
+
+
+_register_subcommands()
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="tether")
 

@@ -62,14 +62,15 @@ def dispatch_job(session: Session, dispatcher: Dispatcher, job_id: str) -> None:
 class CeleryDispatcher:
     """Sends ``tether.run_job(job_id)`` to Celery through the broker at ``redis_url``."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, queue: str = QUEUE_NAME) -> None:
         from celery import Celery
 
         self.redis_url = redis_url
+        self.queue = queue
         self.app = Celery("tether-api", broker=redis_url)
 
     def submit(self, job_id: str) -> None:
-        self.app.send_task(TASK_NAME, args=[job_id], queue=QUEUE_NAME)
+        self.app.send_task(TASK_NAME, args=[job_id], queue=self.queue)
 
 
 class InProcessDispatcher:
@@ -132,5 +133,5 @@ def get_dispatcher(settings: Settings | None = None) -> Dispatcher:
 def default_dispatcher(settings: Settings) -> Dispatcher:
     """Celery for ``worker_mode=celery``, otherwise the in-process runner."""
     if settings.worker_mode == "celery":
-        return CeleryDispatcher(settings.redis_url)
+        return CeleryDispatcher(settings.redis_url, settings.worker_queue)
     return InProcessDispatcher(INPROCESS_RUNNER)

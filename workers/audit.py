@@ -43,6 +43,7 @@ from workers.risk import load_critic
 
 Progress = Callable[[str], None]
 
+
 def audit_config(settings: Settings | None = None) -> AuditConfig:
     """Generation settings of the audit (``audit_max_new_tokens``, ``audit_batch_size``)."""
     settings = settings or get_settings()

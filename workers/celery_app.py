@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from celery import Celery
 
+from core.dispatch import TASK_NAME
 from core.settings import Settings, get_settings
 
-RUN_JOB_TASK = "tether.run_job"
+RUN_JOB_TASK = TASK_NAME  # the API sends it by name; it never imports workers
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
