@@ -72,9 +72,17 @@ def test_train_rejects_an_unknown_preset(tmp_path):
     assert "choose one of" in result.output
 
 
-def test_quick_demo_runs_end_to_end(tmp_path, capsys):
-    assert demo.main(["--quick", "--out", str(tmp_path / "adapter")]) == 0
+def test_quick_demo_runs_the_service_path_end_to_end(tmp_path, capsys, monkeypatch):
+    # The demo sets what it does not find; undoing these deletions also removes what it set.
+    for name in (
+        "DATA_DIR", "MODEL_CACHE_DIR", "DATABASE_URL", "WORKER_MODE", "STORAGE_BACKEND",
+        "AUDIT_MAX_NEW_TOKENS", "MAX_ASR", "MAX_ASR_INCREASE", "MAX_OVER_REFUSAL",
+    ):  # fmt: skip
+        monkeypatch.delenv(f"TETHER_{name}", raising=False)
+    assert demo.main(["--quick", "--dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "40 valid examples" in out
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((tmp_path / "run.json").read_text())["steps"] == 4
+    assert "benign.jsonl: 40 examples" in out and "attack.jsonl: 52 examples" in out
+    assert out.count("SUCCEEDED") + out.count("REJECTED") == 2
+    assert "risk: 52 examples" in out and "audit: ASR" in out
+    released = list((tmp_path / "demo" / "objects" / "released").rglob("adapter_config.json"))
+    assert released  # the benign job's adapter, at least, is released to the local store
