@@ -43,7 +43,7 @@ from core.catalog import list_models
 from core.chatdata import ValidationIssue, parse_jsonl
 from core.dbmodels import File, IdempotencyRecord, Job, JobEvent, Tenant, new_id, utcnow
 from core.specs import JobSpec
-from core.storage import ObjectStore, released_prefix, upload_key
+from core.storage import ObjectStore, upload_key
 
 #: Concurrent non-terminal jobs per tenant when neither the tenant nor the caller says otherwise.
 DEFAULT_MAX_CONCURRENT_JOBS = 4
@@ -766,10 +766,12 @@ def release_override(
         problem = f"job {job_id} has no quarantined adapter to release"
     if problem:
         raise ConflictError(problem)
+    # core.release writes the override record beside the copied report and adapter, so the
+    # "nothing under released/ without a passing report or an override record" invariant holds.
+    from core.release import manual_override
+
     source = job.adapter_prefix
-    assert source is not None
-    target = released_prefix(job.tenant_id, job.id)
-    store.copy_prefix(source, target)
+    outcome = manual_override(store, job.tenant_id, job.id, who=by_key_id, why=reason)
     now = utcnow()
     job.release_override = {
         "by_key_id": by_key_id,
@@ -777,7 +779,8 @@ def release_override(
         "at": now.isoformat(),
         "from_prefix": source,
     }
-    job.adapter_prefix = target
+    job.adapter_prefix = outcome.adapter_prefix
+    job.audit_report_key = outcome.report_key
     job.released_at = now
     job.updated_at = now
     session.add(

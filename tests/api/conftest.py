@@ -8,6 +8,7 @@ tests that need reports or adapters drive the job with ``core.jobs`` as a worker
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from core import auth, jobs
 from core.db import session_scope
-from core.storage import ObjectStore, quarantine_prefix, released_prefix, report_key
+from core.release import release
+from core.storage import ObjectStore, report_key
 from tests.dbutil import RecordingDispatcher, settings_for, shared_pg_url, unique
 
 SAMPLE = Path(__file__).resolve().parents[2] / "core" / "sample_data" / "benign_chat.jsonl"
@@ -123,19 +125,22 @@ def drive_job(db_url: str, store: ObjectStore, job_id: str, *, outcome: str = "s
         for status in ("prescreening", "running", "auditing", outcome):
             jobs.transition(session, job_id, status)
         risk = report_key(job.tenant_id, job_id, "risk")
-        audit = report_key(job.tenant_id, job_id, "audit")
         store.put_bytes(risk, json.dumps({"examples": [{"line": 1, "risk": 0.1}]}).encode())
-        store.put_bytes(audit, json.dumps({"asr": 0.02, "decision": outcome}).encode())
-        released = outcome == "succeeded"
-        prefix = (released_prefix if released else quarantine_prefix)(job.tenant_id, job_id)
-        store.put_bytes(prefix + "adapter_model.safetensors", b"weights-" + job_id.encode())
-        store.put_bytes(prefix + "adapter_config.json", b'{"r": 8}')
+        # The real release path, with a stand-in report and adapter (the audit is not run here).
+        passed = outcome == "succeeded"
+        report = {"asr": 0.02, "verdict": {"passed": passed, "reason": f"test: {outcome}"}}
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            Path(adapter_dir, "adapter_model.safetensors").write_bytes(
+                b"weights-" + job_id.encode()
+            )
+            Path(adapter_dir, "adapter_config.json").write_bytes(b'{"r": 8}')
+            stored = release(store, job.tenant_id, job_id, adapter_dir, report, "# card")
         jobs.set_result(
             session,
             job_id,
             result={"final_loss": 1.0},
             risk_report_key=risk,
-            audit_report_key=audit,
-            adapter_prefix=prefix,
-            released=released,
+            audit_report_key=stored.report_key,
+            adapter_prefix=stored.adapter_prefix,
+            released=stored.released,
         )

@@ -72,7 +72,7 @@ def test_release_override_records_who_and_why(client, admin, tenant_a: Tenant, d
     assert job["status"] == "rejected" and job["adapter_released"] is True
     override = job["release_override"]
     assert (override["by_key_id"], override["reason"]) == (admin.key_id, reason)
-    assert override["from_prefix"] == quarantine_prefix(tenant_a.id, job_id)
+    assert override["from_prefix"] == quarantine_prefix(tenant_a.id, job_id) + "adapter/"
     assert twice.status_code == 409
     adapter = client.get(f"/jobs/{job_id}/adapter", headers=tenant_a.headers)
     assert adapter.status_code == 200
