@@ -179,6 +179,10 @@ def convert_smollm2(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-loaded models; save_model handles the tied embeddings.
     save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # The config still says "quantized with gguf"; the saved weights are plain float32, and a
+    # stale quantization_config makes transformers attach a quantizer (and trainers refuse).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.to_json_file(out_dir / "config.json")
     model.generation_config.to_json_file(out_dir / "generation_config.json")
     if not tokenizer.chat_template:

