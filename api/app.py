@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError, error_body, install_error_handlers
-from api.routers import admin, downloads, files, health, jobs, models
+from api.routers import admin, downloads, files, health, jobs, models, openai_compat
 from core import metrics
 from core.db import get_engine, session_factory
 from core.dispatch import Dispatcher
@@ -62,7 +62,7 @@ def create_app(
     app.state.dispatcher = dispatcher
     app.state.sse_poll_seconds = SSE_POLL_SECONDS
     install_error_handlers(app)
-    for module in (health, models, files, jobs, downloads, admin):
+    for module in (health, models, files, jobs, downloads, admin, openai_compat):
         app.include_router(module.router)
     # Added last = outermost: metrics see every response, the 413 of the body limit included.
     app.add_middleware(

@@ -151,6 +151,7 @@ def _register_subcommands() -> None:
     """Commands that live in their own modules (imports stay light until a command runs)."""
     from cli.audit import audit
     from cli.risk import critic_app, prescreen, probe_app
+    from cli.service import jobs_app, keys_app, serve
     from cli.worker import worker
 
     app.add_typer(critic_app, name="critic")
@@ -158,6 +159,9 @@ def _register_subcommands() -> None:
     app.command("prescreen")(prescreen)
     app.command("audit")(audit)
     app.command("worker")(worker)
+    app.command("serve")(serve)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(jobs_app, name="jobs")
 
 
 _register_subcommands()

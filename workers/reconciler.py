@@ -77,6 +77,7 @@ def reconcile_once(
     settings: Settings | None = None,
     *,
     in_broker: Callable[[], tuple[set[str], int]] | None = None,
+    stale_after_seconds: float | None = None,
 ) -> ReconcileReport:
     """One pass over the jobs table; see the module docstring.
 
@@ -85,12 +86,17 @@ def reconcile_once(
         in_broker: returns the job ids with a message in the broker and the queue depth;
             ``None`` (in-process mode) treats every queued job as lost, which is right at the
             start of a process that is the only worker.
+        stale_after_seconds: heartbeat age that counts as dead; default from settings. The
+            in-process worker passes 0 at start-up: no other process can hold its jobs.
     """
     settings = settings or get_settings()
     report = ReconcileReport()
     db = get_engine(settings.resolved_database_url)
     with session_scope(db) as session:
-        for job in jobs.stale_jobs(session, settings.job_stale_after_seconds):
+        stale_after = (
+            settings.job_stale_after_seconds if stale_after_seconds is None else stale_after_seconds
+        )
+        for job in jobs.stale_jobs(session, stale_after):
             try:
                 jobs.requeue(session, job.id, f"worker {job.worker_id or '?'} stopped responding")
             except jobs.IllegalTransition:
