@@ -8,12 +8,14 @@ or ``TETHER_API_URL`` / ``TETHER_API_KEY``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -35,6 +37,8 @@ ApiKey = Annotated[
     typer.Option("--api-key", envvar="TETHER_API_KEY", help="Tenant API key (tth_...)."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the JSON the API returned.")]
+
+log = logging.getLogger(__name__)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -66,7 +70,10 @@ def build_app(settings: Settings, *, migrate: bool = True) -> FastAPI:
         set_dispatcher(dispatcher)
         # This process is the only worker: jobs a previous run left queued or half-done are
         # picked up again now (training resumes from its checkpoints).
-        reconcile_once(dispatcher, settings, in_broker=None, stale_after_seconds=0)
+        try:
+            reconcile_once(dispatcher, settings, in_broker=None, stale_after_seconds=0)
+        except SQLAlchemyError as error:  # --no-migrate on a database without the schema
+            log.warning("skipped start-up recovery of jobs: %s", error)
     return create_app(settings, dispatcher=dispatcher)
 
 

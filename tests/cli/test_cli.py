@@ -73,13 +73,22 @@ def test_train_rejects_an_unknown_preset(tmp_path):
 
 
 def test_quick_demo_runs_the_service_path_end_to_end(tmp_path, capsys, monkeypatch):
-    # The demo sets what it does not find; undoing these deletions also removes what it set.
-    for name in (
-        "DATA_DIR", "MODEL_CACHE_DIR", "DATABASE_URL", "WORKER_MODE", "STORAGE_BACKEND",
-        "AUDIT_MAX_NEW_TOKENS", "MAX_ASR", "MAX_ASR_INCREASE", "MAX_OVER_REFUSAL",
-    ):  # fmt: skip
-        monkeypatch.delenv(f"TETHER_{name}", raising=False)
-    assert demo.main(["--quick", "--dir", str(tmp_path / "demo")]) == 0
+    from core.dispatch import set_dispatcher
+
+    home = tmp_path / "demo"
+    # Everything the demo would default, set here so monkeypatch undoes it after the test.
+    env = {
+        "DATA_DIR": str(home), "MODEL_CACHE_DIR": str(home / "models"), "DATABASE_URL": "",
+        "WORKER_MODE": "inprocess", "STORAGE_BACKEND": "local", "AUDIT_MAX_NEW_TOKENS": "8",
+        "MAX_ASR": "1.0", "MAX_ASR_INCREASE": "1.0", "MAX_OVER_REFUSAL": "1.0",
+    }  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(f"TETHER_{name}", value)
+    set_dispatcher(None)
+    try:
+        assert demo.main(["--quick", "--dir", str(home)]) == 0
+    finally:
+        set_dispatcher(None)
     out = capsys.readouterr().out
     assert "benign.jsonl: 40 examples" in out and "attack.jsonl: 52 examples" in out
     assert out.count("SUCCEEDED") + out.count("REJECTED") == 2

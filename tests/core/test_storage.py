@@ -329,7 +329,8 @@ def test_local_presigned_url_verifies_and_rejects_tampering(local_store: LocalSt
     assert not verify_download_signature(SECRET, "released/t2/j1/adapter_model.safetensors",
                                          expires, signature)  # fmt: skip
     assert not verify_download_signature(SECRET, key, str(int(expires) + 3600), signature)
-    assert not verify_download_signature(SECRET, key, expires, signature[:-1] + "0")
+    flipped = signature[:-1] + ("1" if signature[-1] == "0" else "0")
+    assert not verify_download_signature(SECRET, key, expires, flipped)
     assert not verify_download_signature("another-secret-key-000", key, expires, signature)
     assert not verify_download_signature(SECRET, key, "soon", signature)
     assert not verify_download_signature(SECRET, "../etc/passwd", expires, signature)
