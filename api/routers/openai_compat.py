@@ -38,7 +38,7 @@ from api.errors import ApiError
 from api.routers import files as native_files
 from api.routers.jobs import max_concurrent_jobs
 from api.schemas import error_responses
-from core import jobs, metrics
+from core import jobs
 from core.dbmodels import File as FileRow
 from core.dbmodels import Job, JobEvent
 from core.dispatch import dispatch_job
@@ -509,36 +509,9 @@ def upload_file(
             f"purpose must be 'fine-tune', got {purpose!r}; Tether stores training files only",
             param="purpose",
         )
-    data = file.file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise ApiError(
-            413,
-            "file_too_large",
-            f"the file is larger than the limit of {settings.max_upload_bytes} bytes; split it",
-            param="file",
-        )
-    filename = file.filename or "upload.jsonl"
-    idem = None
-    if idempotency_key:
-        digest = native_files.upload_digest(filename, purpose, data)
-        idem = jobs.Idempotency(FILES_ROUTE_ID, idempotency_key, digest)
-    try:
-        row, created = jobs.create_file(
-            session,
-            store,
-            principal.tenant_id,
-            filename=filename,
-            data=data,
-            purpose=purpose,
-            max_bytes=settings.max_upload_bytes,
-            max_examples=settings.max_examples,
-            idempotency=idem,
-        )
-    except jobs.TrainingFileError:
-        metrics.record_file_upload(accepted=False)
-        raise
-    if created:
-        metrics.record_file_upload(accepted=True)
+    row, _ = native_files.store_upload(
+        principal, session, store, settings, file, purpose, idempotency_key, FILES_ROUTE_ID
+    )
     return OpenAIFile.from_row(row)
 
 
