@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from safety.prompts import BenignPrompt, HarmfulPrompt, benign_prompts, harmful_prompts, load_suite
 from safety.refusal import keyword_refusal
+from safety.risk import write_json_atomic
 
 #: z for a two-sided 95% interval.
 Z_95 = 1.959963984540054
@@ -657,7 +656,7 @@ def cached_baseline(
         "figures": figures.model_dump(mode="json"),
         "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_json_atomic(path, {"version": BASELINE_VERSION, "entries": entries})
+    write_json_atomic(path, {"version": BASELINE_VERSION, "entries": entries}, indent=2)
     return figures, False
 
 
@@ -670,18 +669,6 @@ def _read_baseline_file(path: Path) -> dict[str, Any]:
         return {}
     entries = data.get("entries")
     return dict(entries) if isinstance(entries, dict) else {}
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

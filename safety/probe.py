@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from safety import prompts as builtin
-from safety.risk import LinearHead, auroc, best_threshold, fit_linear_head
+from safety.risk import LinearHead, auroc, best_threshold, fit_linear_head, write_json_atomic
 
 Pooling = Literal["last", "mean"]
 POOLINGS: tuple[Pooling, ...] = ("last", "mean")
@@ -228,12 +228,7 @@ class ActivationProbe:
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps(self.to_dict()))
-        staging.replace(path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, *, model_id: str | None = None) -> ActivationProbe:

@@ -32,9 +32,13 @@ Standard library and torch only: no imports from api, workers or core.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
@@ -477,3 +481,18 @@ def enforce_intake(report: RiskReport) -> IntakeDecision:
     if not decision.accepted:
         raise IntakeRejectedError(decision)
     return decision
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) -> Path:
+    """Write JSON so that a reader never sees half a file (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
