@@ -109,7 +109,7 @@ class _FusedTokenTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         policy: Tensor,
         targets: Tensor,
@@ -122,7 +122,7 @@ class _FusedTokenTerms(torch.autograd.Function):
         return ce, kl
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_ce: Tensor, grad_kl: Tensor
     ) -> tuple[Tensor | None, None, None, None]:
         policy, targets, ref, ref_index = ctx.saved_tensors  # type: ignore[attr-defined]

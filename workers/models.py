@@ -295,9 +295,10 @@ def load(
         ModelNotFoundError: unknown id, or a package that provides it is not installed.
     """
     tokenizer, spec = load_tokenizer(model_id)
+    assert spec.path is not None  # load_tokenizer resolved it
     model = AutoModelForCausalLM.from_pretrained(
         spec.path, local_files_only=True, dtype=dtype or torch.float32
     )
-    model.to(device if device is not None else resolve_device())
+    model.to(torch.device(device) if device is not None else resolve_device())  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer, spec

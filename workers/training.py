@@ -276,7 +276,7 @@ def train(
     adapter_dir = None
     if out_dir is not None and not cancelled:
         adapter_dir = Path(out_dir)
-        peft_model.save_pretrained(adapter_dir)
+        peft_model.save_pretrained(str(adapter_dir))
     peft_model.eval()
     return TrainResult(
         adapter_dir=adapter_dir,
@@ -342,7 +342,7 @@ def _response_logits(
     model: PeftModel, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, positions: Tensor
 ) -> Tensor:
     """Run the decoder, then the output head only at the given (row, position) pairs."""
-    base = model.get_base_model()
+    base: Any = model.get_base_model()
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     head = base.get_output_embeddings()
     return head(hidden.last_hidden_state[rows, positions])
@@ -378,7 +378,7 @@ def _attach_lora(model: PreTrainedModel, spec: ModelSpec, config: TrainingConfig
     targets = lora.target_modules or list(spec.lora_target_modules)
     peft_config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=lora.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         bias="none",
