@@ -149,11 +149,13 @@ def train(
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules (imports stay light until a command runs)."""
+    from cli.align import align
     from cli.audit import audit
     from cli.risk import critic_app, prescreen, probe_app
     from cli.service import jobs_app, keys_app, serve
     from cli.worker import worker
 
+    models_app.command("align")(align)
     app.add_typer(critic_app, name="critic")
     app.add_typer(probe_app, name="probe")
     app.command("prescreen")(prescreen)
