@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from core.chatdata import Conversation, ValidationIssue
+from core.chatdata import Conversation, DatasetValidationError, ValidationIssue, parse_jsonl
 
 IGNORE_INDEX = -100
 """Label value that the cross-entropy (and KL) loss skips."""
@@ -277,3 +277,25 @@ def batches(
         random.Random(f"{seed}:{epoch}").shuffle(order)
     for start in range(0, count, batch_size):
         yield order[start : start + batch_size]
+
+
+def parse_and_tokenize(
+    data: bytes,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_bytes: int,
+    max_lines: int,
+    max_seq_len: int,
+) -> tuple[list[Conversation], list[TokenizedExample]]:
+    """Validate a training file and tokenize it, as the worker does before training.
+
+    Raises:
+        DatasetValidationError: with every problem of the file, or of its tokenization.
+    """
+    conversations, issues = parse_jsonl(data, max_bytes=max_bytes, max_lines=max_lines)
+    if issues:
+        raise DatasetValidationError(issues)
+    examples, token_issues = tokenize_conversations(conversations, tokenizer, max_seq_len)
+    if token_issues:
+        raise DatasetValidationError(token_issues)
+    return conversations, examples

@@ -31,7 +31,7 @@ from core.settings import Settings, get_settings
 from core.specs import JobSpec
 from core.storage import ObjectStore, checkpoint_prefix, get_store, report_key
 from safety.schedules import preset_config
-from workers.data import TokenizedExample, tokenize_conversations
+from workers.data import TokenizedExample, parse_and_tokenize, tokenize_conversations
 from workers.models import load, load_tokenizer
 from workers.training import (
     DirectoryCheckpointer,
@@ -230,7 +230,7 @@ def run_job(job_id: str, *, settings: Settings | None = None, worker_id: str | N
 def _run_stages(ctx: _JobContext) -> tuple[JobStatus, str]:
     with session_scope(ctx.db) as session:
         status = JobStatus(jobs.get_job(session, ctx.job_id).status)
-    conversations, examples, tokenizer_model = _prepare_data(ctx, status)
+    conversations, examples, tokenizer_model = _prepare_data(ctx)
     model, tokenizer, spec = tokenizer_model
 
     _enter(ctx, JobStatus.PRESCREENING, status)
@@ -250,19 +250,17 @@ def _run_stages(ctx: _JobContext) -> tuple[JobStatus, str]:
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
-def _prepare_data(ctx: _JobContext, status: JobStatus) -> tuple[list, list, tuple]:
+def _prepare_data(ctx: _JobContext) -> tuple[list, list, tuple]:
     """Read the training file back from storage, re-validate and tokenize it."""
     settings = ctx.settings
-    data = ctx.store.get_bytes(ctx.file_key)
-    conversations, issues = parse_jsonl(
-        data, max_bytes=settings.max_upload_bytes, max_lines=settings.max_examples
-    )
-    if issues:
-        raise DatasetValidationError(issues)
     model, tokenizer, spec = load(ctx.model_id)
-    examples, token_issues = tokenize_conversations(conversations, tokenizer, settings.max_seq_len)
-    if token_issues:
-        raise DatasetValidationError(token_issues)
+    conversations, examples = parse_and_tokenize(
+        ctx.store.get_bytes(ctx.file_key),
+        tokenizer,
+        max_bytes=settings.max_upload_bytes,
+        max_lines=settings.max_examples,
+        max_seq_len=settings.max_seq_len,
+    )
     _event(ctx, "validated", f"{len(examples)} examples tokenized for {ctx.model_id}")
     return conversations, examples, (model, tokenizer, spec)
 

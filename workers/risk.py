@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.chatdata import Conversation, DatasetValidationError
+from core.chatdata import Conversation
 from core.settings import Settings, get_settings
 from safety.critic import (
     EmbeddingCritic,
@@ -193,24 +193,20 @@ def prescreen_file(
         CriticError, ProbeError: an estimator is unavailable and may not be trained here.
         ValueError: both estimators are turned off.
     """
-    from core.chatdata import parse_jsonl
-    from workers.data import tokenize_conversations
+    from workers.data import parse_and_tokenize
     from workers.models import load
 
     if not use_critic and not use_probe:
         raise ValueError("prescreen needs the critic, the probe or both; both were turned off")
     settings = settings or get_settings()
-    conversations, issues = parse_jsonl(
+    model, tokenizer, spec = load(model_id)
+    conversations, examples = parse_and_tokenize(
         Path(path).read_bytes(),
+        tokenizer,
         max_bytes=settings.max_upload_bytes,
         max_lines=settings.max_examples,
+        max_seq_len=settings.max_seq_len,
     )
-    if issues:
-        raise DatasetValidationError(issues)
-    model, tokenizer, spec = load(model_id)
-    examples, token_issues = tokenize_conversations(conversations, tokenizer, settings.max_seq_len)
-    if token_issues:
-        raise DatasetValidationError(token_issues)
     critic = (
         load_critic(settings, train_if_missing=train_if_missing, progress=progress)
         if use_critic
