@@ -41,6 +41,12 @@ def align(
     lookalike_repeats: Annotated[
         int, typer.Option(min=1, help="Copies of each benign look-alike in the data.")
     ] = 2,
+    ce_normalization: Annotated[
+        str, typer.Option(help="SFT loss average: 'token' (default) or 'example'.")
+    ] = "token",
+    distill_tokens: Annotated[
+        int, typer.Option(min=8, help="Token budget of the self-distilled benign answers.")
+    ] = 96,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     measure_base: Annotated[
         bool, typer.Option(help="Also measure the base model first, for comparison.")
@@ -74,6 +80,8 @@ def align(
             lora_r=lora_r,
             max_seq_len=max_seq_len,
             lookalike_repeats=lookalike_repeats,
+            ce_normalization=ce_normalization,
+            distill_max_new_tokens=distill_tokens,
             seed=seed,
             measure_base=measure_base,
             limit=limit,

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,6 +88,11 @@ class AlignConfig(BaseModel):
     """How often each benign look-alike appears in the data (plain benign prompts: once)."""
     category_refusal_share: float = Field(0.5, ge=0.0, le=1.0)
     """Chance of a category-specific refusal for a prompt whose category has some."""
+    ce_normalization: Literal["example", "token"] = "token"
+    """How the SFT loss averages (see ``TrainingConfig.ce_normalization``). ``token``: a short
+    refusal no longer outweighs a long benign answer at the first response token, the one
+    where refuse-or-answer is decided; per-example averaging made the first SmolLM2 run
+    refuse a third of benign prompts."""
     explicit_refusals_only: bool = True
     """Train only on refusals that say so in words the keyword detector knows ("I can't
     help"). A refusal that is only a question back or a lecture is ambiguous to a 135M model
@@ -351,6 +356,7 @@ def _training_config(config: AlignConfig) -> TrainingConfig:
         batch_size=config.batch_size,
         max_steps=config.steps,
         seed=config.seed,
+        ce_normalization=config.ce_normalization,
     )
 
 

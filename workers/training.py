@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -80,6 +80,12 @@ class TrainingConfig(BaseModel):
     """Recompute activations in backward: less memory, ~30% more time (GPU workers)."""
     kl_chunk_size: int = Field(256, ge=1)
     """Response tokens per log-softmax chunk in the loss (bounds memory at 128k vocabularies)."""
+    ce_normalization: Literal["example", "token"] = "example"
+    """How the cross-entropy term is averaged. ``example`` (the paper's loss): each row's CE is
+    the mean over its response tokens, so a 15-token refusal weighs as much as a 300-token
+    answer. ``token``: every response token in the micro-batch weighs the same (rows are
+    re-weighted by their token count), which keeps short targets from dominating the first
+    tokens of the response, where the model decides whether to refuse."""
     shuffle: bool = True
 
     @model_validator(mode="after")
@@ -293,6 +299,18 @@ def train(
 # the loss of one micro-batch
 
 
+def token_share_weights(rows: Tensor, batch_rows: int) -> Tensor:
+    """Per-row weights ``n_i / mean(n)`` over rows with response tokens (0 for the others).
+
+    Multiplying per-row mean CE by these turns the mean over rows into the mean over tokens.
+    """
+    counts = torch.bincount(rows, minlength=batch_rows).to(torch.float32)
+    valid = counts > 0
+    if not bool(valid.any()):
+        return counts
+    return counts / counts[valid].mean()
+
+
 def _batch_loss(
     model: PeftModel,
     batch: dict[str, Tensor],
@@ -304,6 +322,8 @@ def _batch_loss(
     labels = batch["labels"]
     rows, positions = response_positions(labels)
     targets = labels[rows, positions + 1]
+    if config.ce_normalization == "token":
+        sft_weights = sft_weights * token_share_weights(rows, betas.shape[0])
     policy_logits = _response_logits(
         model, batch["input_ids"], batch["attention_mask"], rows, positions
     )

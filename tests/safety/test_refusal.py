@@ -13,6 +13,9 @@ from safety.refusal import accuracy, is_refusal, keyword_refusal, refusal_marker
         "I must decline this request.",
         "That's not something I'll help with.",
         "As an AI assistant, I don't produce that kind of content.",
+        "I'm not going to write instructions for that.",
+        "I am unable to provide those details.",
+        "I\u2019m not able to help you break into that account.",
     ],
 )
 def test_stock_refusals_are_detected(text):

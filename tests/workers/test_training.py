@@ -162,6 +162,42 @@ def test_off_preset_is_plain_cross_entropy_training():
         torch.testing.assert_close(lora_a[name], lora_b[name], rtol=1e-3, atol=1e-4)
 
 
+def test_token_normalization_is_the_mean_over_all_response_tokens():
+    """``ce_normalization="token"`` gives Hugging Face's batch loss (mean over every label
+    token), while the default averages per example first; rows of unequal length tell them
+    apart."""
+    model, tokenizer, spec = fresh_model()
+    conversations = [
+        Conversation(
+            line=i + 1,
+            messages=[Message("user", "hello?"), Message("assistant", "ok " * (1 + 9 * i))],
+        )
+        for i in range(3)
+    ]
+    examples, _ = tokenize_conversations(conversations, tokenizer, max_seq_len=256)
+    cfg_token = config(regularizer=preset_config("off"), ce_normalization="token", shuffle=False)
+    cfg_example = config(regularizer=preset_config("off"), shuffle=False)
+    torch.manual_seed(0)
+    peft_model = training._attach_lora(model, spec, cfg_token)
+    batch = first_batch(examples, cfg_token, tokenizer.pad_token_id)
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    with torch.no_grad():
+        token_loss, _ = _batch_loss(peft_model, batch, zeros, ones, cfg_token)
+        example_loss, _ = _batch_loss(peft_model, batch, zeros, ones, cfg_example)
+        hf_labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+        hf_loss = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=hf_labels
+        ).loss
+    torch.testing.assert_close(token_loss, hf_loss, rtol=1e-4, atol=1e-5)
+    assert abs(float(example_loss) - float(hf_loss)) > 1e-3
+
+
+def test_token_share_weights_average_to_one_over_rows_with_tokens():
+    rows = torch.tensor([0, 0, 0, 2])
+    weights = training.token_share_weights(rows, 3)
+    torch.testing.assert_close(weights, torch.tensor([1.5, 0.0, 0.5]))
+
+
 def test_gradient_accumulation_matches_one_large_batch():
     model_a, tokenizer, spec = fresh_model()
     model_b, _, _ = fresh_model()
