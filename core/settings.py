@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="Override for S3-compatible stores (MinIO, moto)."
     )
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="Address that presigned download URLs name, where clients reach the store "
+        "by another host than the services do (compose: http://127.0.0.1:9000); default "
+        "s3_endpoint_url.",
+    )
     s3_region: str = Field("us-east-1", description="Region of the bucket.")
     presign_expiry_seconds: int = Field(
         3600, ge=60, le=7 * 24 * 3600, description="Lifetime of adapter download URLs."

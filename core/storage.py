@@ -520,6 +520,10 @@ class S3Store(ObjectStore):
         multipart_threshold: objects at least this large go up in parts (S3's minimum part size
             is 5 MiB, so smaller chunk sizes are raised to it by boto3).
         multipart_chunksize: size of each part.
+        public_endpoint_url: the address clients outside the service's network reach the store
+            at (``http://127.0.0.1:9000`` for a compose stack whose services say
+            ``http://minio:9000``); presigned URLs are signed for it, since SigV4 signs the host.
+            Default: ``endpoint_url``.
     """
 
     def __init__(
@@ -529,6 +533,7 @@ class S3Store(ObjectStore):
         region: str = "us-east-1",
         create_bucket: bool = False,
         *,
+        public_endpoint_url: str | None = None,
         multipart_threshold: int = 8 * MiB,
         multipart_chunksize: int = 8 * MiB,
     ) -> None:
@@ -545,8 +550,21 @@ class S3Store(ObjectStore):
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         # A private session keeps this client independent of boto3's global default session.
-        self.client = boto3.session.Session().client(
+        session = boto3.session.Session()
+        self.client = session.client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+        # Signing a URL makes no request, so the public client never needs to be reachable here.
+        self.public_endpoint_url = public_endpoint_url or endpoint_url
+        self._presign_client = (
+            self.client
+            if self.public_endpoint_url == endpoint_url
+            else session.client(
+                "s3",
+                endpoint_url=self.public_endpoint_url,
+                region_name=region,
+                config=config.merge(Config(s3={"addressing_style": "path"})),
+            )
         )
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize
@@ -655,7 +673,7 @@ class S3Store(ObjectStore):
         return len(keys)
 
     def presigned_url(self, key: str, expires_in: int) -> str:
-        url: str = self.client.generate_presigned_url(
+        url: str = self._presign_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": validate_key(key)},
             ExpiresIn=_check_expiry(expires_in),
@@ -682,6 +700,9 @@ def get_store(settings: Settings, public_base_url: str = DEFAULT_PUBLIC_BASE_URL
     """
     if settings.storage_backend == "s3":
         return S3Store(
-            settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         )
     return LocalStore(settings.resolved_storage_dir, settings.secret_key, base_url=public_base_url)

@@ -423,6 +423,22 @@ def test_s3_presigned_url_downloads_the_object(s3_store: S3Store) -> None:
     assert response.content == store_data
 
 
+def test_s3_presigned_url_names_the_public_endpoint(
+    s3_endpoint_url: str, s3_bucket_name: str
+) -> None:
+    # Services reach the store as 127.0.0.1, clients as localhost: the link must name the latter
+    # and still download (it is signed for that host).
+    public = s3_endpoint_url.replace("127.0.0.1", "localhost")
+    store = S3Store(
+        s3_bucket_name, endpoint_url=s3_endpoint_url, public_endpoint_url=public, create_bucket=True
+    )
+    store.put_bytes("released/t1/j2/adapter_config.json", b"{}")
+
+    url = store.presigned_url("released/t1/j2/adapter_config.json", 120)
+    assert url.startswith(f"{public}/{s3_bucket_name}/released/t1/j2/adapter_config.json?")
+    assert httpx.get(url).content == b"{}"
+
+
 def test_s3_keeps_content_type(s3_store: S3Store) -> None:
     s3_store.put_bytes("reports/t1/j1/audit.json", b"{}", content_type="application/json")
     head = s3_store.client.head_object(Bucket=s3_store.bucket, Key="reports/t1/j1/audit.json")
