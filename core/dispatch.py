@@ -5,7 +5,7 @@ the worker re-reads everything else from the database. Two dispatchers:
 
 * :class:`CeleryDispatcher` sends the task by name (``tether.run_job`` on queue
   ``tether.jobs``), so the API process never imports ``workers`` (or torch).
-* :class:`InProcessDispatcher` runs a callable in a one-thread pool inside the API process:
+* :class:`InProcessDispatcher` runs a callable in one daemon thread inside the API process:
   the embedded default, where the API process is also the worker.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
@@ -74,17 +74,25 @@ class CeleryDispatcher:
 
 
 class InProcessDispatcher:
-    """Runs ``runner(job_id)`` in a background thread, one job at a time.
+    """Runs ``runner(job_id)`` in a background thread, one job at a time, in submission order.
+
+    The thread is a daemon: stopping the server (Ctrl-C) does not wait for a running job. The
+    job is not lost: its lease stops being renewed, and the reconciler of the next start
+    requeues it to resume from its last checkpoint.
 
     Args:
         runner: the pipeline entry point (``workers.pipeline.run_job``), or its
             ``"module:function"`` path, imported on first use.
     """
 
+    _STOP = object()
+
     def __init__(self, runner: Callable[[str], None] | str) -> None:
         self._runner = runner
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-job")
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def _resolve(self) -> Callable[[str], None]:
         with self._lock:
@@ -95,19 +103,29 @@ class InProcessDispatcher:
             return runner
 
     def submit(self, job_id: str) -> None:
-        self._executor.submit(self._run, job_id).add_done_callback(_log_failure)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the in-process dispatcher is shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="tether-job", daemon=True)
+                self._thread.start()
+        self._queue.put(job_id)
 
-    def _run(self, job_id: str) -> None:
-        self._resolve()(job_id)
+    def _work(self) -> None:
+        while (job_id := self._queue.get()) is not self._STOP:
+            try:
+                self._resolve()(job_id)
+            except Exception:
+                log.exception("in-process job runner failed on %s", job_id)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop taking jobs; with ``wait``, let the running one finish."""
-        self._executor.shutdown(wait=wait)
-
-
-def _log_failure(future: Future[Any]) -> None:
-    if (error := future.exception()) is not None:
-        log.error("in-process job runner failed", exc_info=error)
+        """Stop taking jobs; with ``wait``, let the queued and running ones finish first."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._queue.put(self._STOP)
+        if wait and thread is not None:
+            thread.join()
 
 
 _dispatcher: Dispatcher | None = None

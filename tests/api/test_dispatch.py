@@ -58,6 +58,27 @@ def test_in_process_dispatcher_runs_jobs_one_at_a_time_in_the_background():
     assert seen == ["ftjob-1", "ftjob-2"] and overlap == []
 
 
+def test_in_process_worker_thread_does_not_hold_up_exit_and_survives_a_failing_job():
+    # A daemon thread: Ctrl-C on `tether serve` must not wait for a long job (start-up recovery
+    # requeues it). One job raising must not stop the next one.
+    seen: list[str] = []
+
+    def runner(job_id: str) -> None:
+        seen.append(job_id)
+        if job_id == "ftjob-bad":
+            raise RuntimeError("boom")
+
+    dispatcher = InProcessDispatcher(runner)
+    dispatcher.submit("ftjob-bad")
+    dispatcher.submit("ftjob-good")
+    assert dispatcher._thread is not None and dispatcher._thread.daemon
+    dispatcher.shutdown(wait=True)
+
+    assert seen == ["ftjob-bad", "ftjob-good"]
+    with pytest.raises(RuntimeError, match="shut down"):
+        dispatcher.submit("ftjob-late")
+
+
 def test_in_process_runner_can_be_named_by_path():
     dispatcher = InProcessDispatcher("json:dumps")
     dispatcher.submit("ftjob-1")
