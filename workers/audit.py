@@ -110,6 +110,7 @@ def audit_model(
     adapter_id: str | None = None,
     baseline_path: Path | None = None,
     device: str | None = None,
+    loaded: tuple[Any, Any, Any] | None = None,
     progress: Progress | None = None,
 ) -> AuditReport:
     """Audit a base model, or an adapter on it, against the release gate of the settings.
@@ -127,6 +128,8 @@ def audit_model(
         adapter_id: the adapter's name in the report (a job id); default ``adapter_dir``.
         baseline_path: where base figures are cached; default ``spec.baseline_path``.
         device: where the model runs; default from settings.
+        loaded: ``(model, tokenizer, spec)`` of ``model_id`` already in memory (the worker's,
+            after training); the base must carry no adapter. Default: loaded here.
         progress: called with a line of text at each stage.
 
     Raises:
@@ -143,7 +146,7 @@ def audit_model(
     suite = audit_suite(suites if suites else suite_sources(settings))
     judge = judge or load_judge(settings)
     refusal = refusal or KeywordRefusalDetector()
-    model, tokenizer, spec = load(model_id, device=device)
+    model, tokenizer, spec = loaded if loaded is not None else load(model_id, device=device)
 
     base_run: AuditRun | None = None
 

@@ -240,12 +240,13 @@ def _run_stages(ctx: _JobContext) -> tuple[JobStatus, str]:
     adapter_dir = Path(tempfile.mkdtemp(prefix=f"tether-{ctx.job_id}-"))
     try:
         _enter(ctx, JobStatus.RUNNING)
-        train_summary = _train(ctx, model, tokenizer, spec, examples, adapter_dir)
-        del model  # the audit loads the base afresh and applies the saved adapter
+        train_summary, base = _train(ctx, model, tokenizer, spec, examples, adapter_dir)
         _check_cancel(ctx)
 
         _enter(ctx, JobStatus.AUDITING)
-        return _audit_and_release(ctx, adapter_dir, len(examples), risk_report, train_summary)
+        return _audit_and_release(
+            ctx, (base, tokenizer, spec), adapter_dir, len(examples), risk_report, train_summary
+        )
     finally:
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
@@ -304,14 +305,22 @@ def _prescreen(ctx, conversations, examples, model, tokenizer, spec) -> dict[str
     return report
 
 
-def _train(ctx, model, tokenizer, spec, examples, adapter_dir: Path) -> dict[str, Any]:
-    """Train (resuming from the newest checkpoint in storage) and keep the adapter in storage."""
+def _train(ctx, model, tokenizer, spec, examples, adapter_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Train (resuming from the newest checkpoint in storage) and keep the adapter in storage.
+
+    Returns the training summary and ``model`` as a plain base again (the LoRA layers training
+    injected are removed, not merged), so the audit applies the saved adapter to it instead of
+    loading the base a second time.
+    """
     final_prefix = checkpoint_prefix(ctx.tenant_id, ctx.job_id) + "final/"
     if ctx.store.list(final_prefix):
         ctx.store.download_dir(final_prefix, adapter_dir)
         _event(ctx, "training", "training finished on an earlier attempt; reusing its adapter")
         summary_key = final_prefix + "summary.json"
-        return json.loads(ctx.store.get_bytes(summary_key)) if ctx.store.exists(summary_key) else {}
+        summary = (
+            json.loads(ctx.store.get_bytes(summary_key)) if ctx.store.exists(summary_key) else {}
+        )
+        return summary, model
 
     config = training_config(ctx.spec, ctx.preset)
     checkpointer = StoreCheckpointer(ctx.store, checkpoint_prefix(ctx.tenant_id, ctx.job_id))
@@ -342,11 +351,12 @@ def _train(ctx, model, tokenizer, spec, examples, adapter_dir: Path) -> dict[str
     (adapter_dir / "summary.json").write_text(json.dumps(summary))
     ctx.store.upload_dir(final_prefix, adapter_dir)
     (adapter_dir / "summary.json").unlink()
-    return summary
+    return summary, result.model.unload()
 
 
 def _audit_and_release(
     ctx: _JobContext,
+    loaded: tuple[Any, Any, Any],
     adapter_dir: Path,
     n_examples: int,
     risk_report: dict[str, Any],
@@ -358,6 +368,7 @@ def _audit_and_release(
     report = audit_model(
         ctx.model_id,
         adapter_dir,
+        loaded=loaded,
         settings=ctx.settings,
         adapter_id=ctx.job_id,
         progress=lambda line: _event(ctx, "audit", line),

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -130,9 +130,14 @@ class TrainResult:
     history: list[StepStats] = field(default_factory=list)
     seconds: float = 0.0
     cancelled: bool = False
+    model: Any = field(default=None, repr=False, compare=False)
+    """The trained ``PeftModel`` (in eval mode); ``model.unload()`` gives back the base without
+    the LoRA layers, so a caller can audit the saved adapter without loading the base again."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Plain JSON of the outcome (the model is left out)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        data["history"] = [asdict(stats) for stats in self.history]
         data["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir else None
         return data
 
@@ -292,6 +297,7 @@ def train(
         history=history,
         seconds=time.perf_counter() - started,
         cancelled=cancelled,
+        model=peft_model,
     )
 
 

@@ -16,7 +16,7 @@ from core.settings import Settings, get_settings
 from core.specs import JobSpec
 from core.storage import get_store
 from safety.prompts import compliance_openers, harmful_prompts
-from workers import pipeline
+from workers import audit, pipeline
 from workers.models import load
 from workers.pipeline import run_job
 
@@ -106,6 +106,31 @@ def test_a_benign_job_trains_audits_and_is_released(service, tmp_path):
 
     # A second delivery of a finished job does nothing.
     assert run_job(job_id) == "succeeded"
+
+
+def test_a_job_loads_the_base_once_and_audits_the_saved_adapter_on_it(service, monkeypatch):
+    settings, tenant = service
+    loads: list[str] = []
+    audited_bases: list[list[str]] = []
+    original_load, original_load_adapter = pipeline.load, audit.load_adapter
+
+    def counting_load(model_id, *args, **kwargs):
+        loads.append(model_id)
+        return original_load(model_id, *args, **kwargs)
+
+    def inspecting_load_adapter(model, adapter_dir):
+        audited_bases.append([n for n, _ in model.named_parameters() if "lora_" in n])
+        return original_load_adapter(model, adapter_dir)
+
+    monkeypatch.setattr(pipeline, "load", counting_load)
+    monkeypatch.setattr(audit, "load", counting_load)
+    monkeypatch.setattr(audit, "load_adapter", inspecting_load_adapter)
+    job_id = submit(settings, tenant, benign_lines())
+
+    assert run_job(job_id) == "succeeded"
+    assert loads == ["tiny-random"]
+    # The training's LoRA layers were removed before the saved adapter went on.
+    assert audited_bases == [[]]
 
 
 def test_harmful_compliance_data_is_refused_at_intake(service):
