@@ -290,9 +290,8 @@ def _run_separate_ref(ctx: _Context) -> dict[str, Any]:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from safety.regularizer import adaptive_kl_loss, response_positions
     from safety.schedules import make_schedule
-    from workers.training import _attach_lora, _DataPosition, _micro_batches, _response_logits
+    from workers.training import _attach_lora, _batch_loss, _DataPosition, _micro_batches
 
     assert ctx.reference is not None
     config = _training_config(ctx.settings, "adaptive")
@@ -313,23 +312,7 @@ def _run_separate_ref(ctx: _Context) -> dict[str, Any]:
         ctx.clock.begin()
         batch = next(micro_batches)
         betas, sft_weights = schedule(torch.ones(len(batch["index"])))
-        labels = batch["labels"]
-        rows, positions = response_positions(labels)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        policy_logits = _response_logits(policy, ids, mask, rows, positions)
-        with torch.no_grad():
-            hidden = reference.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-            head = reference.get_output_embeddings()
-            ref_logits = head(hidden.last_hidden_state[rows, positions])
-        loss, _ = adaptive_kl_loss(
-            policy_logits,
-            labels[rows, positions + 1],
-            rows,
-            betas,
-            ref_logits=ref_logits,
-            sft_weights=sft_weights,
-            chunk_size=config.kl_chunk_size,
-        )
+        loss, _ = _batch_loss(policy, batch, betas, sft_weights, config, reference=reference)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()

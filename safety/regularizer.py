@@ -15,12 +15,14 @@ Everything works on a *packed* form: only the N response positions, never the pa
 logits at position ``p`` of a sequence predict the token at ``p + 1``; a packed row ``n``
 holds the logits of some position ``p`` and ``targets[n] == labels[row, p + 1]``.
 Reference logits are needed only for tokens whose row has ``beta > 0``, so benign rows need
-no reference forward at all.
+no reference forward at all. :func:`adaptive_kl_loss_from_hidden` takes final hidden states
+and the output-head weight instead, so even the packed [N, V] logits exist one chunk at a time.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +137,48 @@ class _FusedTokenTerms(torch.autograd.Function):
         return grad.to(policy.dtype), None, None, None
 
 
+class _FusedHeadTerms(torch.autograd.Function):
+    """Per-token CE and KL from hidden states and a frozen head, gradients taken in forward.
+
+    With ``p = softmax(h W^T)``, ``q = softmax(h_ref W^T)``:
+    ``d CE / d h = (p - onehot(y)) W = p W - W[y]`` and ``d KL(q || p) / d h = p W - q W``.
+    Both are [n, H]; backward only scales them by the incoming per-token gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        ref_hidden: Tensor,
+        ref_index: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            logp = F.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+            ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            p_w = logp.exp().to(weight.dtype) @ weight
+            grad_ce = (p_w - weight[targets]).to(hidden.dtype)
+            kl, grad_kl = logp.new_zeros(0), hidden.new_zeros(0, hidden.shape[-1])
+            if ref_index.numel():
+                ref_logp = F.log_softmax(F.linear(ref_hidden, weight).float(), dim=-1)
+                kl = F.kl_div(logp[ref_index], ref_logp, reduction="none", log_target=True).sum(-1)
+                q_w = ref_logp.exp().to(weight.dtype) @ weight
+                grad_kl = (p_w[ref_index] - q_w).to(hidden.dtype)
+        ctx.save_for_backward(grad_ce, grad_kl, ref_index)
+        return ce, kl
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_ce_out: Tensor, grad_kl_out: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        grad_ce, grad_kl, ref_index = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad_ce * grad_ce_out.unsqueeze(-1).to(grad_ce.dtype)
+        if ref_index.numel():
+            grad.index_add_(0, ref_index, grad_kl * grad_kl_out.unsqueeze(-1).to(grad_kl.dtype))
+        return grad, None, None, None, None
+
+
 def _check_inputs(
     policy_logits: Tensor,
     targets: Tensor,
@@ -225,30 +269,99 @@ def adaptive_kl_loss(
     mask = _check_inputs(
         policy_logits, targets, row_ids, betas, ref_logits, ref_token_mask, sft_weights
     )
-    n = policy_logits.shape[0]
     if checkpoint_chunks is None:
         checkpoint_chunks = policy_logits.requires_grad and torch.is_grad_enabled()
+    terms = _FusedTokenTerms.apply if checkpoint_chunks else _token_terms
+    ce_tok, kl_tok = _chunked_terms(terms, policy_logits, targets, ref_logits, mask, chunk_size)
+    return _reduce(policy_logits, ce_tok, kl_tok, row_ids, mask, betas, sft_weights)
+
+
+def adaptive_kl_loss_from_hidden(
+    policy_hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    row_ids: Tensor,
+    betas: Tensor,
+    ref_hidden: Tensor | None = None,
+    ref_token_mask: Tensor | None = None,
+    sft_weights: Tensor | None = None,
+    chunk_size: int = 4096,
+) -> tuple[Tensor, LossStats]:
+    """:func:`adaptive_kl_loss` with the output head folded in: takes the final hidden states
+    at the response positions and the (frozen, bias-free) head weight instead of logits.
+
+    Each chunk's logits exist only inside the chunk: the forward computes CE, KL and, right
+    away, their gradients with respect to the hidden states (``(p - onehot(y)) W`` and
+    ``(p - q) W``, [chunk, H] each), and keeps only those for backward. No [N, V] tensor
+    outlives its chunk, for the policy or the reference, so with a 49k vocabulary and ~700
+    response tokens about 140 MB of float32 logits per side never stay resident, and backward
+    is two multiply-adds on [N, H] instead of a softmax replay. Gradients reach
+    ``policy_hidden`` only; ``head_weight`` must not need one (LoRA leaves the head frozen).
+
+    Args:
+        policy_hidden: [N, H] final hidden states at the response positions.
+        head_weight: [V, H] output-head weight (``lm_head.weight``).
+        ref_hidden: [M, H] the reference model's hidden states for the tokens selected by
+            ``ref_token_mask`` (see :func:`adaptive_kl_loss` for the rest).
+
+    Raises:
+        ValueError: as :func:`adaptive_kl_loss`, or the head weight requires grad or does not
+            match the hidden size.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if head_weight.requires_grad:
+        raise ValueError(
+            "head_weight requires grad: the fused head computes no gradient for it; use "
+            "adaptive_kl_loss on logits when the output head is trained"
+        )
+    if head_weight.dim() != 2 or head_weight.shape[1] != policy_hidden.shape[-1]:
+        raise ValueError(
+            f"head_weight must be [V, H] with H={policy_hidden.shape[-1]}, got "
+            f"{tuple(head_weight.shape)}"
+        )
+    mask = _check_inputs(
+        policy_hidden, targets, row_ids, betas, ref_hidden, ref_token_mask, sft_weights
+    )
+
+    def terms(hidden: Tensor, chunk_targets: Tensor, ref: Tensor, ref_index: Tensor):
+        return _FusedHeadTerms.apply(hidden, head_weight, chunk_targets, ref, ref_index)
+
+    ce_tok, kl_tok = _chunked_terms(terms, policy_hidden, targets, ref_hidden, mask, chunk_size)
+    return _reduce(policy_hidden, ce_tok, kl_tok, row_ids, mask, betas, sft_weights)
+
+
+def _chunked_terms(
+    terms: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    policy: Tensor,
+    targets: Tensor,
+    ref: Tensor | None,
+    mask: Tensor,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-token CE [N] and KL [N] (0 where ``mask`` is False), ``chunk_size`` tokens at a time.
+
+    ``policy`` and ``ref`` are logits or hidden states, whatever ``terms`` takes; ``ref`` rows
+    follow ``mask`` in token order.
+    """
+    n = policy.shape[0]
     bounds = [*range(0, n, chunk_size), n]
-    # ref_logits rows follow the mask in token order: its running count maps chunks to rows.
+    # ref rows follow the mask in token order: its running count maps chunks to rows.
     ref_count = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)])
     ref_offsets = ref_count[bounds].tolist()
-    no_ref = policy_logits.new_zeros(0, policy_logits.shape[-1])
+    no_ref = policy.new_zeros(0, policy.shape[-1])
     ce_parts, kl_parts = [], []
     for i, (start, stop) in enumerate(itertools.pairwise(bounds)):
-        ref = no_ref if ref_logits is None else ref_logits[ref_offsets[i] : ref_offsets[i + 1]]
+        chunk_ref = no_ref if ref is None else ref[ref_offsets[i] : ref_offsets[i + 1]]
         ref_index = mask[start:stop].nonzero(as_tuple=True)[0]
-        args = (policy_logits[start:stop], targets[start:stop], ref, ref_index)
-        if checkpoint_chunks:
-            ce, kl = _FusedTokenTerms.apply(*args)
-        else:
-            ce, kl = _token_terms(*args)
+        ce, kl = terms(policy[start:stop], targets[start:stop], chunk_ref, ref_index)
         ce_parts.append(ce)
         kl_parts.append(kl)
-    ce_tok = torch.cat(ce_parts) if ce_parts else policy_logits.new_zeros(0, dtype=torch.float32)
+    ce_tok = torch.cat(ce_parts) if ce_parts else policy.new_zeros(0, dtype=torch.float32)
     kl_tok = ce_tok.new_zeros(n)
     if kl_parts:
         kl_tok = kl_tok.index_put((mask.nonzero(as_tuple=True)[0],), torch.cat(kl_parts))
-    return _reduce(policy_logits, ce_tok, kl_tok, row_ids, mask, betas, sft_weights)
+    return ce_tok, kl_tok
 
 
 def _reduce(

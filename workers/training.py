@@ -32,7 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from safety.regularizer import LossStats, adaptive_kl_loss, response_positions
+from safety.regularizer import (
+    LossStats,
+    adaptive_kl_loss,
+    adaptive_kl_loss_from_hidden,
+    response_positions,
+)
 from safety.schedules import BetaSchedule, RegularizerConfig, make_schedule
 from workers.data import TokenizedExample, batches, collate
 from workers.models import ModelSpec
@@ -323,55 +328,104 @@ def _batch_loss(
     betas: Tensor,
     sft_weights: Tensor,
     config: TrainingConfig,
+    reference: PreTrainedModel | None = None,
 ) -> tuple[Tensor, LossStats]:
-    """Policy forward, reference forward for the rows with beta > 0, then the loss."""
+    """Reference forward for the rows with beta > 0, then the policy forward and the loss.
+
+    The reference runs first, so its transient activations come and go before the policy's
+    are held for backward. With a plain linear output head (:func:`_fused_head_weight`) only
+    final hidden states are kept and the head is folded into the loss, so no vocabulary-sized
+    logits outlive a chunk; other heads fall back to logits.
+
+    Args:
+        reference: a separate frozen model to take reference outputs from (the benchmark's
+            "second copy" variant); default: ``model`` with its adapter disabled.
+    """
     labels = batch["labels"]
     rows, positions = response_positions(labels)
     targets = labels[rows, positions + 1]
     if config.ce_normalization == "token":
         sft_weights = sft_weights * token_share_weights(rows, betas.shape[0])
-    policy_logits = _response_logits(
-        model, batch["input_ids"], batch["attention_mask"], rows, positions
-    )
+    base: Any = model.get_base_model()
+    head_weight = _fused_head_weight(base)
 
-    ref_logits, ref_token_mask = None, None
+    def outputs(network: Any, row_ids: Tensor, row_positions: Tensor, ids: Tensor, mask: Tensor):
+        hidden = _response_hidden(network, ids, mask, row_ids, row_positions)
+        return hidden if head_weight is not None else network.get_output_embeddings()(hidden)
+
+    ref_out, ref_token_mask = None, None
     ref_rows = (betas > 0).nonzero(as_tuple=True)[0]
     if ref_rows.numel() > 0:
         ref_token_mask = betas[rows] > 0
         # Reindex the chosen tokens into the sub-batch of rows that need the reference.
         sub_index = torch.full_like(betas, -1, dtype=torch.long)
         sub_index[ref_rows] = torch.arange(ref_rows.numel(), device=betas.device)
-        sub_rows = sub_index[rows[ref_token_mask]]
-        sub_positions = positions[ref_token_mask]
         width = int(batch["attention_mask"][ref_rows].sum(dim=1).max())
-        with torch.no_grad(), model.disable_adapter():
-            ref_logits = _response_logits(
-                model,
-                batch["input_ids"][ref_rows, :width],
-                batch["attention_mask"][ref_rows, :width],
-                sub_rows,
-                sub_positions,
-            )
+        ids = batch["input_ids"][ref_rows, :width]
+        mask = batch["attention_mask"][ref_rows, :width]
+        chosen = (sub_index[rows[ref_token_mask]], positions[ref_token_mask])
+        with torch.no_grad():
+            if reference is not None:
+                ref_out = outputs(reference, *chosen, ids, mask)
+            else:
+                with model.disable_adapter():
+                    ref_out = outputs(base, *chosen, ids, mask)
+
+    policy_out = outputs(base, rows, positions, batch["input_ids"], batch["attention_mask"])
+    if head_weight is not None:
+        return adaptive_kl_loss_from_hidden(
+            policy_out,
+            head_weight,
+            targets,
+            rows,
+            betas,
+            ref_hidden=ref_out,
+            ref_token_mask=ref_token_mask,
+            sft_weights=sft_weights,
+            chunk_size=config.kl_chunk_size,
+        )
     return adaptive_kl_loss(
-        policy_logits,
+        policy_out,
         targets,
         rows,
         betas,
-        ref_logits=ref_logits,
+        ref_logits=ref_out,
         ref_token_mask=ref_token_mask,
         sft_weights=sft_weights,
         chunk_size=config.kl_chunk_size,
     )
 
 
-def _response_logits(
-    model: PeftModel, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, positions: Tensor
-) -> Tensor:
-    """Run the decoder, then the output head only at the given (row, position) pairs."""
-    base: Any = model.get_base_model()
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+#: Config attributes of models whose logits are not a plain ``hidden @ W^T`` (Gemma 2's soft
+#: cap, Cohere's and Granite's scales): those keep the head in the model and pass logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _fused_head_weight(base: Any) -> Tensor | None:
+    """The output head's weight when the loss may apply it itself, else ``None``.
+
+    Requires a bias-free ``nn.Linear`` head that is not trained and a model that does nothing
+    to the logits after it.
+    """
     head = base.get_output_embeddings()
-    return head(hidden.last_hidden_state[rows, positions])
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    if head.weight.requires_grad:
+        return None
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head.weight
+
+
+def _response_hidden(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, positions: Tensor
+) -> Tensor:
+    """Run the decoder; return its final hidden states at the given (row, position) pairs."""
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    )
+    return hidden.last_hidden_state[rows, positions]
 
 
 # --------------------------------------------------------------------------------------------

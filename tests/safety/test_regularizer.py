@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from safety.regularizer import (
     adaptive_kl_loss,
+    adaptive_kl_loss_from_hidden,
     padded_to_packed,
     response_positions,
 )
@@ -259,3 +260,85 @@ def test_checkpointed_chunks_save_no_float32_copies_for_backward():
     large = [t for t in saved if t.numel() >= 1000]
     assert large, "expected the chunk inputs to be saved"
     assert {t.untyped_storage().data_ptr() for t in large} <= inputs
+
+
+# --- the fused output head: hidden states in, logits never kept -----------------------------
+
+
+def _hidden_case(seed: int, n: int = 23, hidden: int = 6, vocab: int = 11) -> dict:
+    case = _random_case(seed, n=n, vocab=vocab)
+    gen = torch.Generator().manual_seed(seed + 100)
+    mask = case["betas"][case["row_ids"]] > 0
+    return {
+        "policy_hidden": torch.randn(n, hidden, generator=gen, dtype=torch.float64),
+        "head_weight": torch.randn(vocab, hidden, generator=gen, dtype=torch.float64),
+        "targets": case["targets"],
+        "row_ids": case["row_ids"],
+        "betas": case["betas"],
+        "ref_hidden": torch.randn(int(mask.sum()), hidden, generator=gen, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 10_000])
+@pytest.mark.parametrize("sft_weights", [None, torch.tensor([1.0, 0.2, 0.7, 0.1, 0.5])])
+def test_fused_head_matches_logits_loss_and_gradients(chunk_size, sft_weights):
+    """Same loss, stats and gradient with respect to the hidden states as running the head
+    first and the logits loss after (both take their softmaxes in float32)."""
+    case = _hidden_case(7)
+    weight = case["head_weight"]
+    h_fused = case["policy_hidden"].clone().requires_grad_(True)
+    loss_fused, stats_fused = adaptive_kl_loss_from_hidden(
+        **{**case, "policy_hidden": h_fused}, sft_weights=sft_weights, chunk_size=chunk_size
+    )
+    loss_fused.backward()
+
+    h_plain = case["policy_hidden"].clone().requires_grad_(True)
+    loss_plain, stats_plain = adaptive_kl_loss(
+        h_plain @ weight.T,
+        case["targets"],
+        case["row_ids"],
+        case["betas"],
+        ref_logits=case["ref_hidden"] @ weight.T,
+        sft_weights=sft_weights,
+    )
+    loss_plain.backward()
+
+    torch.testing.assert_close(loss_fused, loss_plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h_fused.grad, h_plain.grad, atol=1e-6, rtol=1e-5)
+    assert stats_fused.kl == pytest.approx(stats_plain.kl, abs=1e-6)
+    assert stats_fused.ce == pytest.approx(stats_plain.ce, abs=1e-6)
+
+
+def test_fused_head_without_reference_rows_is_plain_cross_entropy():
+    case = _hidden_case(8)
+    zeros = torch.zeros_like(case["betas"])
+    hidden = case["policy_hidden"].requires_grad_(True)
+    loss, stats = adaptive_kl_loss_from_hidden(
+        hidden, case["head_weight"], case["targets"], case["row_ids"], zeros, chunk_size=5
+    )
+    loss.backward()
+    per_token = F.cross_entropy(
+        hidden.detach() @ case["head_weight"].T, case["targets"], reduction="none"
+    )
+    rows = case["row_ids"]
+    per_row = torch.zeros(5, dtype=torch.float64).index_add(0, rows, per_token)
+    counts = torch.bincount(rows, minlength=5)
+    expected = (per_row[counts > 0] / counts[counts > 0]).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert stats.ref_fraction == 0.0 and hidden.grad.abs().sum() > 0
+
+
+def test_fused_head_keeps_no_vocabulary_sized_tensor_for_backward():
+    case = _hidden_case(9, n=40, hidden=4, vocab=500)
+    hidden = case["policy_hidden"].requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        adaptive_kl_loss_from_hidden(**{**case, "policy_hidden": hidden}, chunk_size=8)
+    assert saved and all(t.shape[-1] != 500 for t in saved)
+
+
+def test_fused_head_refuses_a_trainable_head():
+    case = _hidden_case(10)
+    case["head_weight"].requires_grad_(True)
+    with pytest.raises(ValueError, match="requires grad"):
+        adaptive_kl_loss_from_hidden(**case)

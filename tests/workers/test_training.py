@@ -117,7 +117,8 @@ def count_decoder_forwards(model):
     [
         ("off", 2, [4, 4]),  # no reference forward at all
         ("adaptive", 0, [4, 4]),  # every risk 0: no reference forward either
-        ("adaptive", 2, [4, 2, 4, 2]),  # reference only on the 2 risky rows of each batch
+        # reference (first) only on the 2 risky rows of each batch, then the policy on all 4
+        ("adaptive", 2, [2, 4, 2, 4]),
         ("paper", 0, [4, 4, 4, 4]),  # the paper's rule never lets beta reach 0
     ],
 )
@@ -196,6 +197,51 @@ def test_token_share_weights_average_to_one_over_rows_with_tokens():
     rows = torch.tensor([0, 0, 0, 2])
     weights = training.token_share_weights(rows, 3)
     torch.testing.assert_close(weights, torch.tensor([1.5, 0.0, 0.5]))
+
+
+def test_fused_head_and_logits_paths_give_the_same_loss_and_gradients(monkeypatch):
+    """The loop folds a plain output head into the loss; a model whose head it must leave
+    alone (soft-capped logits, say) goes through logits. Both must train the same."""
+    model, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer, n=4, risky_every=2)
+    cfg = config(regularizer=preset_config("adaptive"), shuffle=False)
+    torch.manual_seed(0)
+    peft_model = training._attach_lora(model, spec, cfg)
+    with torch.no_grad():  # a non-zero adapter, so the reference and the policy differ
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = first_batch(examples, cfg, tokenizer.pad_token_id)
+    betas, weights = torch.tensor([0.9, 0.0, 0.9, 0.0]), torch.tensor([0.1, 1.0, 0.1, 1.0])
+    base = peft_model.get_base_model()
+    assert training._fused_head_weight(base) is not None
+
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(training, "_fused_head_weight", lambda _base: None)
+        peft_model.zero_grad(set_to_none=True)
+        loss, stats = _batch_loss(peft_model, batch, betas, weights, cfg)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), stats, grads))
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
+    assert stats_a.kl > 0 and stats_a.kl == pytest.approx(stats_b.kl, rel=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_heads_that_transform_logits_are_not_fused():
+    model, _, _ = fresh_model()
+    model.requires_grad_(False)  # as under LoRA
+    assert training._fused_head_weight(model) is model.get_output_embeddings().weight
+    model.config.final_logit_softcapping = 30.0
+    assert training._fused_head_weight(model) is None
+    model.config.final_logit_softcapping = None
+    model.get_output_embeddings().weight.requires_grad_(True)
+    assert training._fused_head_weight(model) is None
 
 
 def test_gradient_accumulation_matches_one_large_batch():
