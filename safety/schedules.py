@@ -150,14 +150,17 @@ def _checked_risk(risk: Tensor) -> Tensor:
     return risk
 
 
-#: Named safety presets a job spec or the CLI can pick. ``adaptive`` leaves rows below risk 0.1
-#: untouched so that estimator noise on benign data costs no reference forwards.
+#: Named safety presets a job spec or the CLI can pick. ``adaptive`` leaves rows below risk 0.3
+#: (the low band of ``safety.risk.RiskConfig``) untouched, so estimator noise on benign data
+#: neither pulls benign updates toward the reference nor costs reference forwards: on the
+#: built-in validation split the critic puts 21% of benign (prompt, answer) pairs at 0.1 or
+#: more but only 10% at 0.25 or more (median 0.013), while harmful compliance sits near 1.
 PRESETS: dict[str, RegularizerConfig] = {
     "off": RegularizerConfig(schedule="off"),
     "fixed": RegularizerConfig(schedule="fixed", beta=0.5),
     "paper": RegularizerConfig(schedule="paper"),
     "adaptive": RegularizerConfig(
-        schedule="adaptive", beta_min=0.0, beta_max=0.9, risk_threshold=0.1
+        schedule="adaptive", beta_min=0.0, beta_max=0.9, risk_threshold=0.3
     ),
 }
 
