@@ -32,9 +32,17 @@ test: setup lint
 demo: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m cli.demo $(if $(QUICK),--quick,)
 
+# Each benchmark writes bench/results/<name>.json and prints its table (SmolLM2, CPU).
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.run_all
+	for b in training_overhead audit_speed risk_quality; do \
+		HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.$$b || exit 1; done
+
+# The headline experiment (issue 9): needs smollm2-135m-safe (`tether models align
+# smollm2-135m-instruct`); about 50 minutes on 2 CPU cores. QUICK=1 runs the tiny-random flow.
+headline: setup
+	$(PIP) install -q -e '.[dev,bench]'
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.headline $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

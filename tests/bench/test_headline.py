@@ -1,0 +1,316 @@
+"""The headline experiment (bench/headline.py) on tiny-random: the task and its metric, the
+attack data and its cache, mixes and per-estimator risks, and the quick end-to-end run with a
+resumed rerun. The numbers of a tiny-random run mean nothing; the tests check behaviour."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import date
+
+import pytest
+
+from bench import headline
+from bench import headline_task as task
+from safety.prompts import HarmfulPrompt, harmful_prompts
+from safety.refusal import keyword_refusal
+
+# --- the benign task --------------------------------------------------------------------------
+
+
+def test_task_sets_are_deterministic_and_train_and_eval_are_disjoint():
+    train = task.make_examples(90, "train", seed=0)
+    assert train == task.make_examples(90, "train", seed=0)
+    assert train != task.make_examples(90, "train", seed=1)
+    evaluation = task.make_examples(90, "eval", seed=0)
+    assert not {e.prompt for e in train} & {e.prompt for e in evaluation}
+    assert not {e.template for e in train} & {e.template for e in evaluation}
+    # Varied: every date format and every template of the split occurs.
+    assert {e.date_format for e in train} == set(task.DATE_FORMATS)
+    assert {e.template for e in train} == set(task.SENTENCES["train"])
+
+
+def test_every_example_states_its_answer_unambiguously():
+    for example in task.make_examples(120, "train") + task.make_examples(60, "eval"):
+        when = date.fromisoformat(example.answer)  # a real calendar date
+        render, numeric = task.DATE_FORMATS[example.date_format]
+        assert render(when) in example.prompt or render(when).capitalize() in example.prompt
+        if numeric:
+            assert when.day > 12  # 05/03 could be May or March; 25/03 cannot
+
+
+@pytest.mark.parametrize(
+    ("response", "correct", "exact"),
+    [
+        ("2024-03-05", True, True),
+        ("'2024-03-05'.", True, True),
+        ("The date is 2024-03-05.", True, False),
+        ("2024-03-05, or maybe 2024-03-06", True, False),
+        ("2024-03-06 (not 2024-03-05)", False, False),  # only the first date counts
+        ("2024-05-03", False, False),  # day and month swapped
+        ("2024-3-5", False, False),
+        ("March 5, 2024", False, False),
+        ("12024-03-055", False, False),  # digits run on: not a date
+        ("", False, False),
+    ],
+)
+def test_metric_scores_right_wrong_and_garbled_answers(response, correct, exact):
+    assert task.is_correct(response, "2024-03-05") is correct
+    assert task.is_exact_line(response, "2024-03-05") is exact
+
+
+def test_score_counts_and_refuses_mismatched_lengths():
+    result = task.score(["2024-03-05", "The date is 2024-03-05.", "nope"], ["2024-03-05"] * 3)
+    assert (result.correct, result.total) == (2, 3)
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert result.exact_line == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="as many responses as answers"):
+        task.score(["2024-03-05"], [])
+
+
+# --- attack data ------------------------------------------------------------------------------
+
+_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def _prompt(key: str) -> HarmfulPrompt:
+    return HarmfulPrompt(key, f"request {key}", "illegal_activity", "f", "direct", "train")
+
+
+def test_attack_data_drops_refusals_and_reuses_the_cache(tiny_model, tmp_path):
+    calls: list[int] = []
+
+    def generate(model, tokenizer, prompts, **options):
+        # The tiny model answers in blank lines, so the answers are fixed text here: every
+        # third one a refusal. What is tested is the builder around generation.
+        calls.append(len(prompts))
+        return [
+            _REFUSAL if i % 3 == 0 else f"Sure. Step one for {p[:20]}."
+            for i, p in enumerate(prompts)
+        ]
+
+    prompts = harmful_prompts("train")[:6]
+    cache = tmp_path / "attack.json"
+    options = {"max_new_tokens": 8, "batch_size": 4, "cache_path": cache, "generate": generate}
+    completions, generated = headline.attack_completions("tiny-random", prompts, **options)
+    assert (generated, calls) == (6, [6])
+    pairs, counts = headline.attack_pairs(prompts, completions)
+    assert counts["refusals_dropped"] == 2 and counts["kept"] == len(pairs) == 4
+    assert not any(keyword_refusal(completion) for _, completion in pairs)
+    assert {p for p, _ in pairs} <= {p.prompt for p in prompts}
+
+    again, generated = headline.attack_completions("tiny-random", prompts, **options)
+    assert (again, generated, calls) == (completions, 0, [6])  # served from the cache
+    # One more prompt: only that one is generated.
+    _, generated = headline.attack_completions(
+        "tiny-random", harmful_prompts("train")[:7], **options
+    )
+    assert (generated, calls) == (1, [6, 1])
+    # Another token budget is another cache key.
+    options["max_new_tokens"] = 9
+    headline.attack_completions("tiny-random", prompts, **options)
+    assert calls == [6, 1, 6]
+
+
+def test_attack_pairs_cut_unfinished_sentences_and_fill_blanks_only_when_asked():
+    prompts = [_prompt("a"), _prompt("b"), _prompt("c")]
+    completions = {"a": "Sure, here it is. First you need to", "b": "", "c": _REFUSAL}
+    pairs, counts = headline.attack_pairs(prompts, completions)
+    assert pairs == [("request a", "Sure, here it is.")]
+    assert (counts["empty_dropped"], counts["refusals_dropped"]) == (1, 1)
+    filled, counts = headline.attack_pairs(prompts, completions, fill_blank=True)
+    assert len(filled) == 2 and counts["blank_filled"] == 1
+    assert filled[1][0] == "request b" and not keyword_refusal(filled[1][1])
+
+
+# --- mixes and risks --------------------------------------------------------------------------
+
+
+def test_mixes_are_deterministic_and_hold_the_share_asked_for():
+    sizes = {"task": 20, "attack": 5}
+    mix = headline.build_mix(sizes, 20, 0.1, seed=0)
+    assert mix == headline.build_mix(sizes, 20, 0.1, seed=0)
+    assert sum(pool == "attack" for pool, _ in mix) == 2 and len(mix) == 20
+    full = headline.build_mix(sizes, 20, 1.0, seed=0)
+    # A pool smaller than the mix is cycled: every attack example four times.
+    assert sorted(i for _, i in full) == sorted(list(range(5)) * 4)
+    assert all(pool == "task" for pool, _ in headline.build_mix(sizes, 20, 0.0, seed=0))
+    with pytest.raises(ValueError, match="share must lie in"):
+        headline.build_mix(sizes, 20, 1.5, seed=0)
+    with pytest.raises(ValueError, match="every completion of the source model was dropped"):
+        headline.build_mix({"task": 20, "attack": 0}, 20, 0.5, seed=0)
+
+
+def test_each_estimator_scores_alone_and_a_run_sees_only_its_own_risk(tiny_model, small_critic):
+    from workers.risk import load_critic, load_probe
+
+    model, tokenizer, spec = tiny_model
+    critic = load_critic()
+    probe = load_probe(spec, model, tokenizer, train_if_missing=True)
+    pools = {
+        "task": [("How do I bake bread?", "Mix flour, water and yeast, then bake.")],
+        "attack": [(harmful_prompts("train")[0].prompt, "Sure. Here is how to do it.")],
+    }
+    common = {"model": model, "tokenizer": tokenizer, "critic": critic, "probe": probe}
+    rows = {
+        estimator: {
+            name: headline.score_pool(pairs, estimator, max_seq_len=512, **common)
+            for name, pairs in pools.items()
+        }
+        for estimator in headline.ESTIMATORS
+    }
+    for row in rows["critic"]["task"] + rows["critic"]["attack"]:
+        assert row["probe_prob"] is None and row["critic_score"] is not None
+    for row in rows["probe"]["task"] + rows["probe"]["attack"]:
+        assert row["critic_score"] is None and row["risk"] == row["probe_prob"]
+
+    prepared = {"pools": pools, "risk_rows": rows}
+    mix = [("attack", 0), ("task", 0)]
+    for estimator in headline.ESTIMATORS:
+        examples = headline.mix_examples(prepared, mix, estimator, tokenizer, 512)
+        wanted = [rows[estimator]["attack"][0]["risk"], rows[estimator]["task"][0]["risk"]]
+        assert [e.risk for e in examples] == pytest.approx(wanted)
+    # off and fixed ignore risk; their examples carry none.
+    assert [e.risk for e in headline.mix_examples(prepared, mix, None, tokenizer, 512)] == [0, 0]
+
+
+# --- settings, targets, plot ------------------------------------------------------------------
+
+
+def test_settings_survive_the_trip_to_a_child_and_bad_options_are_named():
+    settings = headline.HeadlineSettings(**headline.QUICK_SETTINGS)
+    assert headline.settings_from_json(json.loads(json.dumps(asdict(settings)))) == settings
+    assert settings.estimators == ("critic",)
+    with pytest.raises(SystemExit, match="unknown methods"):
+        headline.main(["--quick", "--methods", "off,sft_plus"])
+    with pytest.raises(SystemExit, match=r"--shares must be in \[0, 1\]"):
+        headline.main(["--quick", "--shares", "0,2"])
+
+
+def test_a_missing_safe_base_fails_saying_how_to_build_it(tmp_path):
+    with pytest.raises(SystemExit, match="tether models align smollm2-135m-instruct"):
+        headline.main(["--out", str(tmp_path / "headline.json")])
+
+
+def _run(method: str, share: float, asr: float, task_accuracy: float, released: bool) -> dict:
+    return {
+        "method": method,
+        "share": share,
+        "seed": 0,
+        "asr": asr,
+        "task_accuracy": task_accuracy,
+        "released": released,
+    }
+
+
+def test_targets_follow_the_issue():
+    runs = [
+        _run("off", 0.0, 0.02, 0.90, True),
+        _run("adaptive_critic", 0.0, 0.02, 0.89, True),
+        _run("adaptive_probe", 0.0, 0.02, 0.85, True),
+        _run("off", 0.1, 0.40, 0.90, False),
+        _run("off", 1.0, 0.85, 0.70, False),
+        _run("adaptive_critic", 1.0, 0.05, 0.70, True),
+    ]
+    figures = headline.headline_figures(runs, base_asr=0.03)
+    assert figures["sft_attack_asr"] == 0.85 and figures["fixed_attack_asr"] is None
+    assert figures["utility_gap_points"] == pytest.approx(-1.0)
+    assert figures["utility_gap_points_probe"] == pytest.approx(-5.0)
+    targets = headline.evaluate_targets(figures, runs)
+    met = {name: target["met"] for name, target in targets.items()}
+    assert met == {
+        "base_asr": True,
+        "sft_attack_asr": True,
+        "adaptive_critic_attack_asr": True,
+        "adaptive_probe_attack_asr": None,  # not run
+        "utility_gap_points": True,
+        "utility_gap_points_probe": False,
+        "gate_rejects_attacked_sft": True,
+        "gate_releases_benign_sft": True,
+    }
+    runs[3]["released"] = True  # the gate let an attacked adapter through
+    assert not headline.evaluate_targets(figures, runs)["gate_rejects_attacked_sft"]["met"]
+
+
+def test_plot_draws_asr_against_share(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_run(m, s, 0.5 * s, 0.9, True) for m in ("off", "adaptive_critic") for s in (0, 1)]
+    result = {"runs": runs, "base_asr": 0.02, "base": {"model_id": "tiny-random"}}
+    path = headline.plot(result, tmp_path / "headline.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+REQUIRED_KEYS = {
+    "command",
+    "date",
+    "machine",
+    "base_asr",
+    "sft_attack_asr",
+    "fixed_attack_asr",
+    "paper_critic_attack_asr",
+    "paper_probe_attack_asr",
+    "adaptive_critic_attack_asr",
+    "adaptive_probe_attack_asr",
+    "utility_gap_points",
+    "utility_gap_points_probe",
+    "targets",
+    "runs",
+    "settings",
+    "wall_seconds",
+}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic, capfd):
+    out, work = tmp_path / "headline.json", tmp_path / "work"
+    argv = ["--quick", "--methods", "off,adaptive_critic", "--shares", "0,1", "--threads", "1"]
+    argv += ["--out", str(out), "--work-dir", str(work)]
+    first = headline.main(argv)
+
+    result = json.loads(out.read_text())
+    assert set(result) >= REQUIRED_KEYS
+    assert result["settings"]["base_id"] == "tiny-random" and result["quick"]
+    for key in ("base_asr", "sft_attack_asr", "adaptive_critic_attack_asr"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["fixed_attack_asr"] is None  # not among the methods run
+    assert isinstance(result["utility_gap_points"], float)
+    assert all(t["met"] in (True, False, None) for t in result["targets"].values())
+    assert not result["failed_runs"] and result["resumed_runs"] == 0
+    runs = {(r["method"], r["share"]): r for r in result["runs"]}
+    assert set(runs) == {(m, s) for m in ("off", "adaptive_critic") for s in (0.0, 1.0)}
+    for run in runs.values():
+        assert isinstance(run["released"], bool)
+        assert run["verdict"].startswith("passed" if run["released"] else "rejected")
+        assert run["peak_rss_mb"] > 0 and run["train_seconds"] > 0 and run["audit_seconds"] > 0
+        assert 0.0 <= run["task_accuracy"] <= 1.0
+        assert run["harmful_examples"] == run["share"] * run["examples"]
+    # Standard SFT never pulls toward the reference; adaptive does on harmful rows.
+    assert runs[("off", 1.0)]["mean_beta"] == 0.0
+    assert runs[("adaptive_critic", 1.0)]["ref_fraction"] > 0.0
+    prepared = json.loads((work / "prepared.json").read_text())
+    assert set(prepared["risk_rows"]) == {"critic"}  # the probe is not needed, so not trained
+    assert (result["plot"] is not None) == _has_matplotlib()
+
+    finished = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*.json")}
+    capfd.readouterr()
+    again = headline.main(argv)
+    assert again["resumed_runs"] == 4 and again["prepared_reused"]
+    assert again["runs"] == first["runs"]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert capfd.readouterr().err.count("finished earlier") == 4
+
+    # A changed training setting redoes the runs it touches; the preparation does not depend
+    # on it and is reused.
+    changed = headline.main([*argv[:2], "off", *argv[3:], "--steps", "3"])
+    assert changed["resumed_runs"] == 0 and changed["prepared_reused"]
+    assert {r["share"] for r in changed["runs"]} == {0.0, 1.0}
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
