@@ -33,11 +33,11 @@ def align(
         str | None,
         typer.Option(help="Id of the aligned model; default <base>-safe (drops '-instruct')."),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 120,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 320,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank (alpha = 2r).")] = 16,
-    max_seq_len: Annotated[int, typer.Option(min=32, help="Longest training example.")] = 192,
+    max_seq_len: Annotated[int, typer.Option(min=32, help="Longest training example.")] = 128,
     lookalike_repeats: Annotated[
         int, typer.Option(min=1, help="Copies of each benign look-alike in the data.")
     ] = 2,
@@ -46,7 +46,7 @@ def align(
     ] = "token",
     distill_tokens: Annotated[
         int, typer.Option(min=8, help="Token budget of the self-distilled benign answers.")
-    ] = 96,
+    ] = 48,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     measure_base: Annotated[
         bool, typer.Option(help="Also measure the base model first, for comparison.")

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.catalog import BUILTIN_MODELS, MARKER
+from core.catalog import BUILTIN_MODELS, MARKER, artifacts_dir
 from core.chatdata import Conversation, Message
 from safety.audit import Rate, generate_responses
 from safety.prompts import (
@@ -72,15 +72,15 @@ class AlignConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    steps: int = Field(120, ge=1, le=100_000)
+    steps: int = Field(320, ge=1, le=100_000)
     """Optimizer steps of the refusal SFT."""
     batch_size: int = Field(8, ge=1, le=1024)
     """Examples per step."""
-    learning_rate: float = Field(3e-4, gt=0, le=1.0)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
     """Peak AdamW learning rate (warm-up, then cosine decay)."""
     lora_r: int = Field(16, ge=1, le=256)
     """LoRA rank on all the spec's target modules; alpha is twice the rank."""
-    max_seq_len: int = Field(192, ge=32, le=8192)
+    max_seq_len: int = Field(128, ge=32, le=8192)
     """Longest training example in tokens; longer ones are left out (and counted)."""
     seed: int = Field(0, ge=0)
     """Seeds the refusal choice, the data order and the LoRA initialisation."""
@@ -97,7 +97,7 @@ class AlignConfig(BaseModel):
     """Train only on refusals that say so in words the keyword detector knows ("I can't
     help"). A refusal that is only a question back or a lecture is ambiguous to a 135M model
     and to the refusal detector alike; a safe reference should refuse unmistakably."""
-    distill_max_new_tokens: int = Field(96, ge=8, le=2048)
+    distill_max_new_tokens: int = Field(48, ge=8, le=2048)
     """Token budget of the base model's self-distilled answers (cut to whole sentences)."""
     eval_max_new_tokens: int = Field(32, ge=4, le=1024)
     """Token budget of the responses that refusal is measured on."""
@@ -324,6 +324,8 @@ def align(
         )
         _write_marker(staging, result, spec)
         _swap_into_place(staging, target)
+        # The probe and the audit baseline of the old weights under this id no longer apply.
+        shutil.rmtree(artifacts_dir(target_id), ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"saved {target_id} at {target} ({timings['total']:.0f} s)")

@@ -49,6 +49,10 @@ def aligned_twice():
     before = _snapshot(base_spec.path)
     first = align("tiny-random", config=TINY_CONFIG)
     first_cache = (first.path / DISTILL_CACHE).read_text()
+    # A probe measured on the first build's weights, which the second build replaces.
+    stale_probe = get_spec(first.model_id).probe_path
+    stale_probe.parent.mkdir(parents=True, exist_ok=True)
+    stale_probe.write_text("{}")
     second = align("tiny-random", config=TINY_CONFIG)
     return first, second, first_cache, before, base_spec.path
 
@@ -180,3 +184,9 @@ def test_rerun_reuses_the_cached_self_distillation(aligned_twice):
     assert (second.path / DISTILL_CACHE).read_text() == first_cache
     # Same seed and same data: the same training run.
     assert second.training["final_loss"] == pytest.approx(first.training["final_loss"])
+
+
+def test_a_rebuild_drops_artifacts_of_the_old_weights(aligned_twice):
+    first, *_ = aligned_twice
+    spec = get_spec(first.model_id)
+    assert not spec.probe_path.exists() and not spec.baseline_path.exists()
