@@ -3,9 +3,8 @@
 SQLite, a local-directory object store and the in-process worker: no service to start. The
 demo
 
-1. prepares the base model (the safety-aligned SmolLM2 when `tether models align` has built
-   it, else SmolLM2-135M-Instruct), the Safety Critic and the activation probe (each built once
-   and cached);
+1. prepares the safety-aligned SmolLM2 (``tether models align smollm2-135m-instruct``, built
+   on the first run), the Safety Critic and the activation probe (each built once and cached);
 2. submits two jobs the way the API does (file validated and stored, job recorded, handed to
    the worker): a benign chat fine-tune, and an attack that mixes harmful requests with
    compliant answers into it;
@@ -45,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     get_settings.cache_clear()
     settings = get_settings()
-    model_id = _pick_model(quick=args.quick)
     steps = args.steps or (6 if args.quick else 12)
 
-    _banner(f"1. Prepare: model {model_id}, Safety Critic, activation probe")
+    _banner("1. Prepare: the safety-aligned base model, Safety Critic, activation probe")
+    model_id = _safe_model(quick=args.quick)
     _prepare(model_id, quick=args.quick)
 
     _banner("2. Submit: a benign fine-tune and an attack mixed into it")
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     _banner("Next")
     print("   tether serve                      # the REST API on this data (docs at /docs)")
     print("   tether keys create --tenant me    # an API key, then POST /files and POST /jobs")
-    print("   tether audit --model smollm2-135m-instruct --json audit.json")
+    print(f"   tether audit --model {model_id} --json audit.json")
     return 0
 
 
@@ -90,16 +89,34 @@ def _configure(home: Path, *, quick: bool) -> None:
             os.environ.setdefault(f"TETHER_{name}", "1.0")
 
 
-def _pick_model(*, quick: bool) -> str:
-    if quick:
-        return "tiny-random"
-    from core.catalog import derived_dir
+def _safe_model(*, quick: bool) -> str:
+    """The safety-aligned base the jobs fine-tune, built once by ``tether models align``.
 
-    if derived_dir("smollm2-135m-safe") is not None:
-        return "smollm2-135m-safe"
-    print("   (no safety-aligned SmolLM2 yet: `tether models align smollm2-135m-instruct` builds")
-    print("    it; using smollm2-135m-instruct, which refuses almost nothing on its own)")
-    return "smollm2-135m-instruct"
+    SmolLM2-135M-Instruct refuses little on its own, so an attack on it proves nothing; the
+    demo aligns it first (about 15-20 minutes on 2 CPU cores, once) and reuses the cached
+    model after that. ``--quick`` aligns the tiny random model in a few steps instead.
+    """
+    from core.catalog import derived_dir
+    from workers.align import AlignConfig, align, default_target_id
+
+    base = "tiny-random" if quick else "smollm2-135m-instruct"
+    target = default_target_id(base)
+    if derived_dir(target) is not None:
+        return target
+    if quick:
+        config = AlignConfig(
+            steps=3,
+            limit=12,
+            distill_max_new_tokens=16,
+            eval_max_new_tokens=8,
+            eval_splits=("validation",),
+        )
+    else:
+        config = AlignConfig()
+        print(f"   building {target} once from {base}: refusal SFT with self-distillation,")
+        print(f"   {config.steps} steps (about 15-20 minutes on 2 CPU cores; cached afterwards)")
+    result = align(base, target, config=config, progress=lambda line: print(f"   {line}"))
+    return result.model_id
 
 
 def _prepare(model_id: str, *, quick: bool) -> None:

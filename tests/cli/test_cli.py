@@ -93,5 +93,7 @@ def test_quick_demo_runs_the_service_path_end_to_end(tmp_path, capsys, monkeypat
     assert "benign.jsonl: 40 examples" in out and "attack.jsonl: 52 examples" in out
     assert out.count("SUCCEEDED") + out.count("REJECTED") == 2
     assert "risk: 52 examples" in out and "audit: ASR" in out
+    # The jobs fine-tune the aligned base the demo built first, as the full demo does.
+    assert "saved tiny-random-safe" in out and (home / "models" / "tiny-random-safe").is_dir()
     released = list((tmp_path / "demo" / "objects" / "released").rglob("adapter_config.json"))
     assert released  # the benign job's adapter, at least, is released to the local store
