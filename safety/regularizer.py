@@ -137,6 +137,11 @@ class _FusedTokenTerms(torch.autograd.Function):
         return grad.to(policy.dtype), None, None, None
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for [n, V] tensors without the [n, V] product in memory."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 class _FusedHeadTerms(torch.autograd.Function):
     """Per-token CE and KL from hidden states and a frozen head, gradients taken in forward.
 
@@ -161,10 +166,14 @@ class _FusedHeadTerms(torch.autograd.Function):
             grad_ce = (p_w - weight[targets]).to(hidden.dtype)
             kl, grad_kl = logp.new_zeros(0), hidden.new_zeros(0, hidden.shape[-1])
             if ref_index.numel():
+                # Every [n, V] temporary here sits on top of the policy's saved activations,
+                # so as few as possible: no copy of logp when the whole chunk has a reference
+                # (a harmful row), and KL = q . (log q - log p) as row dot products.
                 ref_logp = F.log_softmax(F.linear(ref_hidden, weight).float(), dim=-1)
-                kl = F.kl_div(logp[ref_index], ref_logp, reduction="none", log_target=True).sum(-1)
-                q_w = ref_logp.exp().to(weight.dtype) @ weight
-                grad_kl = (p_w[ref_index] - q_w).to(hidden.dtype)
+                q = ref_logp.exp()
+                logp_ref = logp if ref_index.numel() == logp.shape[0] else logp[ref_index]
+                kl = _row_dot(q, ref_logp) - _row_dot(q, logp_ref)
+                grad_kl = (p_w[ref_index] - q.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_ce, grad_kl, ref_index)
         return ce, kl
 

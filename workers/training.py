@@ -83,7 +83,7 @@ class TrainingConfig(BaseModel):
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more time (GPU workers)."""
-    kl_chunk_size: int = Field(256, ge=1)
+    kl_chunk_size: int = Field(128, ge=1)
     """Response tokens per log-softmax chunk in the loss (bounds memory at 128k vocabularies)."""
     ce_normalization: Literal["example", "token"] = "example"
     """How the cross-entropy term is averaged. ``example`` (the paper's loss): each row's CE is
