@@ -65,7 +65,7 @@ def test_default_target_ids():
 
 def test_config_names_conflicting_lengths():
     with pytest.raises(ValidationError, match=r"distill_max_new_tokens \(96\).*max_seq_len \(64\)"):
-        AlignConfig(max_seq_len=64)
+        AlignConfig(max_seq_len=64, distill_max_new_tokens=96)
 
 
 def test_target_id_may_not_overwrite_a_builtin_or_escape_the_cache():
