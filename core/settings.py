@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Training and audit device; auto picks CUDA when available."
     )
+    heap_mmap_threshold_kb: int = Field(
+        0,
+        ge=0,
+        description="glibc only: buffers of at least this many KiB get their own memory "
+        "mapping, returned to the OS when freed, instead of fragmenting the heap: 2048 cut peak "
+        "RSS of CPU training by about a third here, at 5-30% more time per step (see "
+        "core/memory.py). 0 keeps the C library's default.",
+    )
 
     # --- upload limits ----------------------------------------------------------------------
     max_upload_bytes: int = Field(

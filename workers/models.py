@@ -50,6 +50,7 @@ from core.catalog import (
     list_models,
 )
 from core.catalog import cache_dir as _cache_dir
+from core.memory import pin_mmap_threshold
 from core.settings import get_settings
 
 __all__ = [
@@ -294,6 +295,8 @@ def load(
     Raises:
         ModelNotFoundError: unknown id, or a package that provides it is not installed.
     """
+    # Before the weights and every training or audit buffer: see core/memory.py.
+    pin_mmap_threshold(get_settings().heap_mmap_threshold_kb)
     tokenizer, spec = load_tokenizer(model_id)
     assert spec.path is not None  # load_tokenizer resolved it
     model = AutoModelForCausalLM.from_pretrained(
