@@ -35,7 +35,7 @@ demo: setup
 # Each benchmark writes bench/results/<name>.json and prints its table (SmolLM2, CPU).
 bench: setup
 	$(PIP) install -q -e '.[dev,bench]'
-	for b in training_overhead audit_speed risk_quality; do \
+	for b in training_overhead allocator audit_speed risk_quality; do \
 		HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.$$b || exit 1; done
 
 # The headline experiment (issue 9): needs smollm2-135m-safe (`tether models align
