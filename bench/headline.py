@@ -1369,7 +1369,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         quick=args.quick,
     )
     image = plot(result, out.with_suffix(".png")) if result["runs"] else None
-    result["plot"] = str(image) if image is not None else None
+    result["plot"] = image.name if image is not None else None  # beside the JSON
     write_result(out.stem, result, out.parent)
     print(render(result))
     print(f"\nwrote {out}" + (f" and {image}" if image is not None else ""))
