@@ -241,15 +241,20 @@ def _follow(settings: Any, job_id: str) -> None:
             bar = tqdm(total=progress["total_steps"], desc="   train", unit="step")
         if bar is not None and progress.get("step", 0) != bar.n:
             bar.n = progress.get("step", 0)
-            bar.set_postfix(
-                loss=progress.get("loss"), kl=progress.get("kl"), beta=progress.get("beta")
-            )
+            bar.set_postfix({name: _short(progress.get(name)) for name in ("loss", "kl", "beta")})
             bar.refresh()
         if job.status in FINAL:
             if bar is not None:
                 bar.close()
             return
         time.sleep(0.5)
+
+
+def _short(value: Any) -> str:
+    """Three significant digits; float noise around zero (a KL of -1e-9) shows as 0."""
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{0.0 if abs(value) < 5e-7 else value:.3g}"
 
 
 def _report(settings: Any, name: str, job_id: str) -> None:
