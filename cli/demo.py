@@ -93,7 +93,7 @@ def _safe_model(*, quick: bool) -> str:
     """The safety-aligned base the jobs fine-tune, built once by ``tether models align``.
 
     SmolLM2-135M-Instruct refuses little on its own, so an attack on it proves nothing; the
-    demo aligns it first (about 15-20 minutes on 2 CPU cores, once) and reuses the cached
+    demo aligns it first (about 20-25 minutes on 2 CPU cores, once) and reuses the cached
     model after that. ``--quick`` aligns the tiny random model in a few steps instead.
     """
     from core.catalog import derived_dir
@@ -114,7 +114,7 @@ def _safe_model(*, quick: bool) -> str:
     else:
         config = AlignConfig()
         print(f"   building {target} once from {base}: refusal SFT with self-distillation,")
-        print(f"   {config.steps} steps (about 15-20 minutes on 2 CPU cores; cached afterwards)")
+        print(f"   {config.steps} steps (about 20-25 minutes on 2 CPU cores; cached afterwards)")
     result = align(base, target, config=config, progress=lambda line: print(f"   {line}"))
     return result.model_id
 
