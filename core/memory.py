@@ -5,13 +5,14 @@ mmap threshold from the heap, and raises that threshold (up to 32 MiB on 64-bit 
 time a mapped block is freed, so after the first training step the multi-megabyte activations
 of a step (a [8, 128, 576] float32 tensor is 2.25 MiB) come from the heap. Freed, they leave
 holes that the next step's differently sized buffers fit badly, and the heap keeps growing:
-SmolLM2-135M LoRA training at 8 x 128 tokens (the ``off`` variant of ``bench.training_overhead``)
-peaked at 3.97 GB here, against 2.54 GB with the threshold pinned at 2 MiB
-(``M_MMAP_THRESHOLD`` of glibc's mallopt(3)). Pinning it gives each buffer that large its own
-mapping, which goes back to the operating system when it is freed; the price is a fresh,
-zero-filled mapping per buffer, 5-30% more time per step in the same runs. So it is opt-in
-(``TETHER_HEAP_MMAP_THRESHOLD_KB``), for CPU workers short of memory. jemalloc preloaded
-(``LD_PRELOAD``) did both better in those runs: 2.41 GB and no slower.
+SmolLM2-135M LoRA training at 8 x 128 tokens peaked at 3.93 GB here, against 2.56 GB with the
+threshold pinned at 2 MiB (``M_MMAP_THRESHOLD`` of glibc's mallopt(3); ``python -m
+bench.allocator``, ``off`` variant). Pinning it gives each buffer that large its own mapping,
+which goes back to the operating system when it is freed; the price is a fresh, zero-filled
+mapping per buffer: 1.28-1.50x the time per step in the same run. So it is opt-in
+(``TETHER_HEAP_MMAP_THRESHOLD_KB``), for CPU workers short of memory and not of time.
+jemalloc preloaded (``LD_PRELOAD``) did better on both counts there, 2.41 GB at the same step
+time, which is why the CPU worker image preloads it.
 """
 
 from __future__ import annotations

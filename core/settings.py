@@ -115,8 +115,8 @@ class Settings(BaseSettings):
         ge=0,
         description="glibc only: buffers of at least this many KiB get their own memory "
         "mapping, returned to the OS when freed, instead of fragmenting the heap: 2048 cut peak "
-        "RSS of CPU training by about a third here, at 5-30% more time per step (see "
-        "core/memory.py). 0 keeps the C library's default.",
+        "RSS of CPU training by about a third here, at 1.3-1.5x the time per step (see "
+        "core/memory.py and bench/allocator.py). 0 keeps the C library's default.",
     )
 
     # --- upload limits ----------------------------------------------------------------------
