@@ -3,8 +3,9 @@
 On the CPU, PyTorch takes tensor storage from ``malloc``. glibc serves a request below its
 mmap threshold from the heap, and raises that threshold (up to 32 MiB on 64-bit systems) every
 time a mapped block is freed, so after the first training step the multi-megabyte activations
-of a step (a [8, 128, 576] float32 tensor is 2.25 MiB) come from the heap. Freed, they leave
-holes that the next step's differently sized buffers fit badly, and the heap keeps growing:
+of a step (a [8, 128, 576] float32 tensor is 2.25 MiB) come from the heap. Freed between
+blocks that are still live, they leave holes glibc cannot give back (it trims only the top of
+the heap), and the resident set grows well past the live tensors:
 SmolLM2-135M LoRA training at 8 x 128 tokens peaked at 3.93 GB here, against 2.56 GB with the
 threshold pinned at 2 MiB (``M_MMAP_THRESHOLD`` of glibc's mallopt(3); ``python -m
 bench.allocator``, ``off`` variant). Pinning it gives each buffer that large its own mapping,
