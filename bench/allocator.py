@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes.util
 import shlex
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from bench.common import (
     utc_now,
     write_json,
 )
+from bench.training_overhead import summarise_variant
 
 NAME = "allocator"
 CHILD_MODULE = "bench.training_overhead"
@@ -85,14 +85,9 @@ def run_all(
     return runs
 
 
-def pooled(children: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Median step time over every timed step of every round; the worst peak RSS."""
-    steps = [s for child in children for s in child["step_seconds"]]
-    return {
-        "median_step_s": statistics.median(steps),
-        "peak_rss_mb": max(child["peak_rss_mb"] for child in children),
-        "rounds": len(children),
-    }
+def pooled(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One (allocator, variant)'s rounds, pooled as ``training_overhead`` pools a variant's."""
+    return {**summarise_variant(children), "rounds": len(children)}
 
 
 def summarise(
