@@ -548,11 +548,12 @@ class CriticData:
 def critic_data(split: str, *, seed: int = 0, renders_per_opener: int = 4) -> CriticData:
     """Build the critic's training or evaluation data from one split of the built-in sets.
 
-    * harm head: the split's harmful requests (1) vs its benign ones, lookalikes included (0);
+    * harm head: the split's harmful requests (1) vs its benign ones, lookalikes and task-style
+      instructions included (0);
     * compliance head: refusals of every style (0) vs compliance openers (1, ``{task}`` ones
       rendered with the split's own harmful requests, several each, so compliance that names
       the harmful topic is seen) and the benign reference answers (1, long compliant text, so
-      the head does not learn "short means compliant");
+      the head does not learn "short means compliant") and the tasks' answers;
     * category head: the harmful requests, labelled with their category;
     * ``pairs``: what the combined score is judged on: each harmful request with one refusal
       (label 0) and with one compliance opener (label 1), each benign request with its
@@ -563,7 +564,7 @@ def critic_data(split: str, *, seed: int = 0, renders_per_opener: int = 4) -> Cr
     """
     rng = random.Random(f"critic:{split}:{seed}")
     harmful = builtin.harmful_prompts(split)
-    benign = builtin.benign_prompts(split)
+    benign = builtin.benign_prompts(split) + builtin.task_prompts(split)
     refusals = builtin.refusals(split)
     openers = builtin.compliance_openers(split)
     slugs = list(builtin.CATEGORY_SLUGS)

@@ -278,9 +278,9 @@ class ProbeData:
 
 def probe_data(split: str) -> ProbeData:
     """One split of the built-in sets: harmful requests (1) and benign requests, including
-    the harmful-sounding ones (0)."""
+    the harmful-sounding ones and the task-style instructions (0)."""
     harmful = [row.prompt for row in builtin.harmful_prompts(split)]
-    benign = [row.prompt for row in builtin.benign_prompts(split)]
+    benign = [row.prompt for row in builtin.benign_prompts(split) + builtin.task_prompts(split)]
     return ProbeData(harmful + benign, [1] * len(harmful) + [0] * len(benign))
 
 

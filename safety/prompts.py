@@ -9,6 +9,12 @@ datasets. It holds requests and the openings of answers, never operational harmf
   alarming but are fine to answer ("how do I kill a Python process"), for over-refusal checks.
 - ``refusals.jsonl``: refusals in many styles (:data:`REFUSAL_STYLES`), some written to follow
   a request of a given category.
+- ``tasks.jsonl``: task-style instructions of the kind customers fine-tune on (extraction,
+  formatting, classification, rewriting, conversion...) with a reference answer, many with
+  output constraints ("Answer with the label only."). Without them the estimators learn
+  "conversational question = benign" and read a fine-tuning file of terse instructions as
+  risky. Only ``train`` and ``validation`` families: the audit measures over-refusal on
+  ``benign.jsonl`` alone. No row is about dates (the headline experiment's task stays unseen).
 - ``compliance.jsonl``: openers of answers that go along with a harmful request and stop before
   any detail (:data:`COMPLIANCE_STYLES`). Rows of style ``restate`` contain the placeholder
   ``{task}``, a short restatement of the request ("get into the shed"); fill it with
@@ -89,6 +95,16 @@ COMPLIANCE_STYLES: tuple[str, ...] = (
     "enthusiastic",
     "in_character",
     "hedged",
+)
+TASK_KINDS: tuple[str, ...] = (
+    "extraction",
+    "formatting",
+    "classification",
+    "rewriting",
+    "conversion",
+    "summarisation",
+    "qa",
+    "code",
 )
 SUITE_KINDS: tuple[str, ...] = ("harmful", "benign")
 TASK_PLACEHOLDER = "{task}"
@@ -186,6 +202,18 @@ def benign_prompts(split: str | None = None, lookalike: bool | None = None) -> l
     if lookalike is None:
         return rows
     return [row for row in rows if row.lookalike is lookalike]
+
+
+def task_prompts(split: str | None = None) -> list[BenignPrompt]:
+    """Returns the built-in task-style instructions, as benign prompts with a reference
+    ``response``, ``topic`` ``task:<kind>`` (kinds in :data:`TASK_KINDS`) and ``lookalike``
+    false. They belong with :func:`benign_prompts` when training an estimator, and are kept
+    apart so the audit's benign split stays as it was.
+
+    Raises:
+        ValueError: ``split`` is not a known split name.
+    """
+    return _select(_tasks(), split)
 
 
 def refusals(split: str | None = None) -> list[Snippet]:
@@ -297,6 +325,27 @@ def _benign() -> tuple[BenignPrompt, ...]:
                 family=rec["family"],
                 split=rec["split"],
                 response=rec.get("response"),
+            )
+        )
+    return tuple(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _tasks() -> tuple[BenignPrompt, ...]:
+    rows = []
+    for where, rec in _data_records("tasks.jsonl"):
+        _require(where, rec, ("id", "prompt", "response", "family", "kind", "split"))
+        _require_choice(where, "kind", rec["kind"], TASK_KINDS)
+        _require_choice(where, "split", rec["split"], SPLITS)
+        rows.append(
+            BenignPrompt(
+                id=rec["id"],
+                prompt=rec["prompt"],
+                topic=f"task:{rec['kind']}",
+                lookalike=False,
+                family=rec["family"],
+                split=rec["split"],
+                response=rec["response"],
             )
         )
     return tuple(rows)

@@ -37,6 +37,7 @@ def _all_sets() -> dict[str, list]:
         "harmful": prompts.harmful_prompts(),
         "refusals": prompts.refusals(),
         "compliance": prompts.compliance_openers(),
+        "tasks": prompts.task_prompts(),
     }
     if (resources.files("safety") / "data" / "benign.jsonl").is_file():
         sets["benign"] = prompts.benign_prompts()
@@ -81,12 +82,40 @@ def test_benign_set_has_enough_rows_and_lookalikes():
     assert not any(row.lookalike for row in prompts.benign_prompts(lookalike=False))
 
 
+def test_task_set_spans_every_kind_in_train_and_validation_and_never_the_audit():
+    rows = prompts.task_prompts()
+    kinds = {split: {row.topic for row in prompts.task_prompts(split)} for split in SPLITS}
+
+    assert len(rows) >= 250
+    assert all(row.response and not row.lookalike for row in rows)
+    assert kinds["train"] == kinds["validation"] == {f"task:{k}" for k in prompts.TASK_KINDS}
+    assert not kinds["audit"]
+    # Output constraints are what made task data look risky; they must be common here.
+    constraint = re.compile(r"\b(only|no commentary|just the)\b", re.IGNORECASE)
+    constrained = [row for row in rows if constraint.search(row.prompt)]
+    assert len(constrained) >= len(rows) // 3
+
+
+def test_task_set_says_nothing_about_dates():
+    # The headline experiment's benign task is date normalisation: it must stay unseen.
+    months = "|".join(
+        "January February March April May June July August September October November December "
+        "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split()
+    )
+    numeric = r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}"
+    pattern = re.compile(rf"\b({months})\b|\bdates?\b|YYYY|{numeric}")
+    rows = prompts.task_prompts()
+    hits = [row.id for row in rows if pattern.search(f"{row.prompt}\n{row.response}")]
+
+    assert not hits
+
+
 def test_snippet_sets_have_enough_rows():
     assert len(prompts.refusals()) >= 150
     assert len(prompts.compliance_openers()) >= 120
 
 
-@pytest.mark.parametrize("name", ["harmful", "benign", "refusals", "compliance"])
+@pytest.mark.parametrize("name", ["harmful", "benign", "refusals", "compliance", "tasks"])
 def test_ids_are_unique_and_texts_are_not_duplicated(name):
     sets = _all_sets()
     if name not in sets:
@@ -106,7 +135,7 @@ def test_ids_are_unique_across_sets():
     assert len(set(ids)) == len(ids)
 
 
-@pytest.mark.parametrize("name", ["harmful", "benign", "refusals", "compliance"])
+@pytest.mark.parametrize("name", ["harmful", "benign", "refusals", "compliance", "tasks"])
 def test_every_family_lies_in_exactly_one_split(name):
     sets = _all_sets()
     if name not in sets:
@@ -120,7 +149,13 @@ def test_every_family_lies_in_exactly_one_split(name):
 
 
 def test_split_filter_partitions_each_set():
-    for load in (prompts.harmful_prompts, prompts.refusals, prompts.compliance_openers):
+    loaders = (
+        prompts.harmful_prompts,
+        prompts.refusals,
+        prompts.compliance_openers,
+        prompts.task_prompts,
+    )
+    for load in loaders:
         parts = [load(split) for split in SPLITS]
         assert sum(len(part) for part in parts) == len(load())
         assert all(
