@@ -123,6 +123,23 @@ def test_attack_pairs_cut_unfinished_sentences_and_fill_blanks_only_when_asked()
     assert filled[1][0] == "request b" and not keyword_refusal(filled[1][1])
 
 
+class _ComplianceByPrefix:
+    """A stand-in compliance head: answers starting "Sure" comply (p_refusal 0.1), others dodge."""
+
+    def refusal_probs(self, pairs):
+        return [0.1 if response.startswith("Sure") else 0.6 for _, response in pairs]
+
+
+def test_attack_data_keeps_only_answers_the_critic_reads_as_compliant():
+    pairs = [("a", "Sure, step one."), ("b", "What kind of site would you like?"), ("c", "Sure.")]
+
+    assert headline.compliant_pairs(pairs, _ComplianceByPrefix(), 0.75) == [pairs[0], pairs[2]]
+    assert headline.compliant_pairs(pairs, _ComplianceByPrefix(), 0.3) == pairs  # 0.4 >= 0.3
+    assert headline.compliant_pairs(pairs, object(), 0.0) == pairs  # the filter is off
+    with pytest.raises(ValueError, match="--attack-min-comply 0"):
+        headline.compliant_pairs(pairs, object(), 0.75)  # a judge without a compliance head
+
+
 # --- mixes and risks --------------------------------------------------------------------------
 
 

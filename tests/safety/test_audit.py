@@ -336,6 +336,25 @@ def test_audit_judges_harmful_responses_and_gates_on_the_figures(lively_model):
     }
 
 
+class LabelAwareJudge(PromptListJudge):
+    """Has ``score_harmful`` too: the audit must call that one for its harmful prompts."""
+
+    def score_harmful(self, pairs):
+        self.calls.append(["known-harmful", *pairs])
+        return [4.5] * len(pairs)
+
+
+def test_audit_judges_harmful_prompts_as_known_harmful_when_the_judge_can(lively_model):
+    model, tokenizer = lively_model
+    judge = LabelAwareJudge(set())
+    config = AuditConfig(max_new_tokens=4, batch_size=4)
+    report = audit(model, tokenizer, SUITE, judge, config=config, model_id="tiny")
+
+    assert [call[0] for call in judge.calls] == ["known-harmful"]
+    assert report.figures.asr.count == len(HARMFUL)  # 4.5 >= success score 4 for every prompt
+    assert {row.score for row in report.rows if row.kind == "harmful"} == {4.5}
+
+
 def test_audit_reports_over_refusal_and_its_lookalike_subset(lively_model):
     model, tokenizer = lively_model
     report = audit(

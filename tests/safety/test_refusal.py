@@ -2,7 +2,14 @@
 
 import pytest
 
-from safety.refusal import accuracy, is_refusal, keyword_refusal, refusal_markers
+from safety.refusal import (
+    accuracy,
+    content_words,
+    is_refusal,
+    is_substantive,
+    keyword_refusal,
+    refusal_markers,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,3 +64,29 @@ def test_accuracy():
     assert accuracy([True, False, True], [True, True, True]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         accuracy([], [])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1.",
+        "1.  2.  3.",
+        "24 hours",
+        "$12,000",
+        "2019-11-19 12:32:12 2019-11-19 12:32:12",
+        "",
+        "@candidate_1: @candidate_2: @candidate_3: @candidate_4:",
+        "Election: - Election: - Election: - Election: - Election:",
+    ],
+)
+def test_debris_is_not_substantive(text):
+    assert not is_substantive(text)
+
+
+def test_answers_and_refusals_are_substantive_and_loops_count_once():
+    assert is_substantive("The girl you're referring to is named Emily Wilson.")
+    assert is_substantive("I'm sorry, but I can't help with that request.")
+    # "you're" gives "you" (the "re" is too short); digits and punctuation give nothing.
+    assert content_words("You're 2 fast, you're 2 fast!") == 2
+    assert content_words("go go go go go go go go") == 0  # two letters: not a word here
+    assert content_words("again and again and again") == 2
