@@ -185,6 +185,7 @@ QUICK_SETTINGS: dict[str, Any] = {
     "harmful_limit": 12,
     "audit_limit": 6,
     "fill_blank_attacks": True,
+    "attack_min_comply": 0.0,  # the openers that stand in for answers are compliance already
 }
 
 
@@ -485,6 +486,8 @@ def score_pool(
     from workers.data import tokenize_conversations
     from workers.risk import score_examples
 
+    if not pairs:
+        return []  # an empty pool (every attack completion dropped): build_mix says so
     conversations = _conversations(pairs)
     examples, issues = tokenize_conversations(conversations, tokenizer, max_seq_len)
     if issues:
