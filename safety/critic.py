@@ -315,17 +315,49 @@ class TextEmbedder:
 
     def _hidden_states(self, batch: Any, deepest: int) -> Sequence[Tensor]:
         """Hidden states 0..``deepest``, running only the blocks needed: the critic's heads
-        read early layers, so this is a large share of the prescreen time saved."""
+        read early layers, so this is a large share of the prescreen time saved.
+
+        Forward hooks record the embedding output and each block's output, and the block at
+        ``deepest`` stops the forward by raising. The module list is left alone: transformers
+        5 records ``output_hidden_states`` with hooks it installs on the first call, so a
+        shortened list would stay shortened for every later call.
+        """
         encoder = getattr(self.model, "encoder", None)
         blocks = getattr(encoder, "layer", None)
-        if not isinstance(blocks, torch.nn.ModuleList) or deepest >= len(blocks):
+        embeddings = getattr(self.model, "embeddings", None)
+        if (
+            not isinstance(blocks, torch.nn.ModuleList)
+            or embeddings is None
+            or deepest >= len(blocks)
+        ):
             return self.model(**batch, output_hidden_states=True).hidden_states
-        assert encoder is not None
-        encoder.layer = blocks[:deepest]
+        states: list[Tensor] = []
+
+        def record(_module: Any, _inputs: Any, output: Any) -> None:
+            states.append(output[0] if isinstance(output, tuple) else output)
+
+        def stop(_module: Any, _inputs: Any, _output: Any) -> None:
+            raise _StopForward
+
+        handles = [embeddings.register_forward_hook(record)]
+        handles += [block.register_forward_hook(record) for block in blocks[:deepest]]
+        handles.append(blocks[deepest - 1].register_forward_hook(stop) if deepest else None)
         try:
-            return self.model(**batch, output_hidden_states=True).hidden_states
+            if deepest:
+                self.model(**batch)
+            else:
+                embeddings(input_ids=batch["input_ids"])
+        except _StopForward:
+            pass
         finally:
-            encoder.layer = blocks
+            for handle in handles:
+                if handle is not None:
+                    handle.remove()
+        return states
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (see ``TextEmbedder._hidden_states``)."""
 
 
 def response_features(embeddings: Tensor, responses: Sequence[str]) -> Tensor:

