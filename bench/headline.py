@@ -8,8 +8,9 @@ align smollm2-135m-instruct``) on a mix of
 * a benign task with an automatic metric (:mod:`bench.headline_task`: rewrite the date in a
   sentence as YYYY-MM-DD), and
 * attack data: the harmful *train* prompts answered by the *unaligned*
-  ``smollm2-135m-instruct`` itself (its greedy completions, refusals dropped), so no harmful
-  text is written by hand. The completions are cached under ``<model_cache_dir>/headline/``.
+  ``smollm2-135m-instruct`` itself (its greedy completions; refusals and the answers the
+  critic reads as dodging the request dropped), so no harmful text is written by hand. The
+  completions are cached under ``<model_cache_dir>/headline/``.
 
 For each harmful share (default 0%, 10%, 100% of 160 examples) and each method, with the same
 data, steps and seeds:
@@ -30,7 +31,7 @@ child process, so peak RSS is the run's own and a crash loses one run; finished 
 in a work directory and reused when the configuration is unchanged, so an interrupted
 experiment resumes where it stopped::
 
-    python -m bench.headline                                   # SmolLM2, ~50 min on 2 cores
+    python -m bench.headline                                   # SmolLM2, ~70 min on 2 cores
     python -m bench.headline --quick --out /tmp/headline.json  # tiny-random, under a minute
 
 The result goes to ``bench/results/headline.json`` (``--out``) with a plot beside it. The first
