@@ -328,7 +328,7 @@ class TextEmbedder:
         if (
             not isinstance(blocks, torch.nn.ModuleList)
             or embeddings is None
-            or deepest >= len(blocks)
+            or not 1 <= deepest < len(blocks)
         ):
             return self.model(**batch, output_hidden_states=True).hidden_states
         states: list[Tensor] = []
@@ -341,18 +341,14 @@ class TextEmbedder:
 
         handles = [embeddings.register_forward_hook(record)]
         handles += [block.register_forward_hook(record) for block in blocks[:deepest]]
-        handles.append(blocks[deepest - 1].register_forward_hook(stop) if deepest else None)
+        handles.append(blocks[deepest - 1].register_forward_hook(stop))  # after its record
         try:
-            if deepest:
-                self.model(**batch)
-            else:
-                embeddings(input_ids=batch["input_ids"])
+            self.model(**batch)
         except _StopForward:
             pass
         finally:
             for handle in handles:
-                if handle is not None:
-                    handle.remove()
+                handle.remove()
         return states
 
 
@@ -613,7 +609,8 @@ def critic_data(split: str, *, seed: int = 0, renders_per_opener: int = 4) -> Cr
     """
     rng = random.Random(f"critic:{split}:{seed}")
     harmful = builtin.harmful_prompts(split)
-    benign = builtin.benign_prompts(split) + builtin.task_prompts(split)
+    plain = builtin.benign_prompts(split)
+    benign = plain + builtin.task_prompts(split)
     refusals = builtin.refusals(split)
     openers = builtin.compliance_openers(split)
     slugs = list(builtin.CATEGORY_SLUGS)
@@ -626,7 +623,7 @@ def critic_data(split: str, *, seed: int = 0, renders_per_opener: int = 4) -> Cr
         else:
             compliant.append(opener.text)
     # The task-style rows train the harm head only (see above).
-    answers = [row.response for row in benign if row.response and not row.topic.startswith("task:")]
+    answers = [row.response for row in plain if row.response]
     responses = [r.text for r in refusals] + compliant + answers
     complies = [0] * len(refusals) + [1] * (len(compliant) + len(answers))
     kinds = (
