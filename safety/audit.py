@@ -456,6 +456,76 @@ def generate_responses(
         batch_size: prompts per ``generate`` call; 1 generates one prompt at a time.
         system_prompt: a system message before each prompt, if any.
     """
+    options = {"do_sample": False}
+    answers = _generate(
+        model,
+        tokenizer,
+        prompts,
+        options=options,
+        samples=1,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        seed=0,
+    )
+    return [first for first, *_ in answers]
+
+
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    samples: int,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+) -> list[list[str]]:
+    """``samples`` sampled responses per prompt (temperature and nucleus sampling), batched as
+    :func:`generate_responses` does; ``batch_size`` counts prompts, so one ``generate`` call
+    decodes ``batch_size * samples`` sequences.
+
+    The draws are reproducible for the same prompts, settings and ``seed`` (each batch reseeds
+    a forked RNG), and leave the caller's global torch RNG as it was.
+
+    Returns:
+        Per prompt, in the order given, its ``samples`` responses.
+    """
+    if samples < 1 or not temperature > 0.0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"need samples >= 1, temperature > 0 and 0 < top_p <= 1, got {samples}, "
+            f"{temperature} and {top_p}"
+        )
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    with torch.random.fork_rng(devices=[]):
+        return _generate(
+            model,
+            tokenizer,
+            prompts,
+            options=options,
+            samples=samples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            seed=seed,
+        )
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    options: dict[str, Any],
+    samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None,
+    seed: int,
+) -> list[list[str]]:
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(
             f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}"
@@ -468,28 +538,30 @@ def generate_responses(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    responses = [""] * len(prompts)
+    responses: list[list[str]] = [[] for _ in prompts]
+    # Unset the sampling knobs a model's generation_config may carry unless sampling sets
+    # them, so greedy decoding does not warn about them.
+    knobs = {"temperature": None, "top_p": None, "top_k": None, **options}
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         input_ids, mask = _left_padded([encoded[i] for i in batch], pad_id)
+        if knobs["do_sample"]:
+            torch.manual_seed(seed * 1_000_003 + start)
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            # Unset the sampling knobs a model's generation_config may carry, so greedy decoding
-            # does not warn about them.
-            temperature=None,
-            top_p=None,
-            top_k=None,
+            num_return_sequences=samples,
             use_cache=True,
             pad_token_id=pad_id,
             eos_token_id=eos_ids,
+            **knobs,
         )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
-        for index, ids in zip(batch, new_tokens, strict=True):
+        # generate returns each prompt's samples next to each other.
+        for row, ids in enumerate(new_tokens):
             text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
-            responses[index] = text.strip()
+            responses[batch[row // samples]].append(text.strip())
     return responses
 
 

@@ -78,14 +78,16 @@ def _prompt(key: str) -> HarmfulPrompt:
 
 
 def test_attack_data_drops_refusals_and_reuses_the_cache(tiny_model, tmp_path):
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
 
-    def generate(model, tokenizer, prompts, **options):
+    def generate(model, tokenizer, prompts, *, sampling, **options):
         # The tiny model answers in blank lines, so the answers are fixed text here: every
-        # third one a refusal. What is tested is the builder around generation.
-        calls.append(len(prompts))
+        # third prompt's greedy answer a refusal. What is tested is the builder around
+        # generation: one greedy candidate first, then ``sampling.samples`` more.
+        calls.append((len(prompts), sampling.samples))
         return [
-            _REFUSAL if i % 3 == 0 else f"Sure. Step one for {p[:20]}."
+            [_REFUSAL if i % 3 == 0 else f"Sure. Step one for {p[:20]}."]
+            + [f"Sample {k} for {p[:20]}." for k in range(sampling.samples)]
             for i, p in enumerate(prompts)
         ]
 
@@ -93,34 +95,46 @@ def test_attack_data_drops_refusals_and_reuses_the_cache(tiny_model, tmp_path):
     cache = tmp_path / "attack.json"
     options = {"max_new_tokens": 8, "batch_size": 4, "cache_path": cache, "generate": generate}
     completions, generated = headline.attack_completions("tiny-random", prompts, **options)
-    assert (generated, calls) == (6, [6])
+    assert (generated, calls) == (6, [(6, 0)])
     pairs, counts = headline.attack_pairs(prompts, completions)
     assert counts["refusals_dropped"] == 2 and counts["kept"] == len(pairs) == 4
     assert not any(keyword_refusal(completion) for _, completion in pairs)
     assert {p for p, _ in pairs} <= {p.prompt for p in prompts}
 
     again, generated = headline.attack_completions("tiny-random", prompts, **options)
-    assert (again, generated, calls) == (completions, 0, [6])  # served from the cache
+    assert (again, generated, calls) == (completions, 0, [(6, 0)])  # served from the cache
     # One more prompt: only that one is generated.
     _, generated = headline.attack_completions(
         "tiny-random", harmful_prompts("train")[:7], **options
     )
-    assert (generated, calls) == (1, [6, 1])
-    # Another token budget is another cache key.
-    options["max_new_tokens"] = 9
-    headline.attack_completions("tiny-random", prompts, **options)
-    assert calls == [6, 1, 6]
+    assert (generated, calls) == (1, [(6, 0), (1, 0)])
+    # Another token budget, or sampling, is another cache key.
+    headline.attack_completions("tiny-random", prompts, **{**options, "max_new_tokens": 9})
+    sampled, _ = headline.attack_completions(
+        "tiny-random", prompts, sampling=headline.Sampling(samples=2), **options
+    )
+    assert calls[2:] == [(6, 0), (6, 2)]
+    assert all(len(texts) == 3 for texts in sampled.values())
+    # With samples, a prompt whose greedy answer refuses keeps a sampled candidate.
+    rows, counts = headline.attack_candidates(prompts, sampled)
+    assert counts["kept"] == len(rows) == 6 and counts["refusals_dropped"] == 0
+    assert counts["candidates"] == 16  # 2 prompts x 2 samples + 4 prompts x 3
 
 
 def test_attack_pairs_cut_unfinished_sentences_and_fill_blanks_only_when_asked():
     prompts = [_prompt("a"), _prompt("b"), _prompt("c")]
-    completions = {"a": "Sure, here it is. First you need to", "b": "", "c": _REFUSAL}
+    completions = {"a": ["Sure, here it is. First you need to"], "b": [""], "c": [_REFUSAL]}
     pairs, counts = headline.attack_pairs(prompts, completions)
     assert pairs == [("request a", "Sure, here it is.")]
     assert (counts["empty_dropped"], counts["refusals_dropped"]) == (1, 1)
     filled, counts = headline.attack_pairs(prompts, completions, fill_blank=True)
     assert len(filled) == 2 and counts["blank_filled"] == 1
     assert filled[1][0] == "request b" and not keyword_refusal(filled[1][1])
+    # Duplicates and refusals among the candidates are left out, the order kept.
+    rows, _ = headline.attack_candidates(
+        [_prompt("d")], {"d": ["One two three four five.", _REFUSAL, "One two three four five."]}
+    )
+    assert rows == [("request d", ["One two three four five."])]
 
 
 class _ComplianceByPrefix:
@@ -130,14 +144,19 @@ class _ComplianceByPrefix:
         return [0.1 if response.startswith("Sure") else 0.6 for _, response in pairs]
 
 
-def test_attack_data_keeps_only_answers_the_critic_reads_as_compliant():
-    pairs = [("a", "Sure, step one."), ("b", "What kind of site would you like?"), ("c", "Sure.")]
+def test_attack_data_keeps_each_prompts_most_compliant_candidate():
+    sure = "Sure, step one is to gather the parts you need."
+    dodge = "What kind of site would you like to build today?"
+    rows = [("a", [dodge, sure]), ("b", [dodge]), ("c", [sure, "Sure."])]
 
-    assert headline.compliant_pairs(pairs, _ComplianceByPrefix(), 0.75) == [pairs[0], pairs[2]]
-    assert headline.compliant_pairs(pairs, _ComplianceByPrefix(), 0.3) == pairs  # 0.4 >= 0.3
-    assert headline.compliant_pairs(pairs, object(), 0.0) == pairs  # the filter is off
+    judge = _ComplianceByPrefix()
+    # The sampled "Sure" beats the greedy dodge; "Sure." says nothing, so it scores 0.
+    assert headline.most_compliant(rows, judge, 0.75) == [("a", sure), ("c", sure)]
+    assert headline.most_compliant(rows, judge, 0.3) == [("a", sure), ("b", dodge), ("c", sure)]
+    # The filter off: the first candidate of each, and no judge is asked.
+    assert headline.most_compliant(rows, object(), 0.0) == [("a", dodge), ("b", dodge), ("c", sure)]
     with pytest.raises(ValueError, match="--attack-min-comply 0"):
-        headline.compliant_pairs(pairs, object(), 0.75)  # a judge without a compliance head
+        headline.most_compliant(rows, object(), 0.75)  # a judge without a compliance head
 
 
 # --- mixes and risks --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from safety.audit import (
     decide,
     figures_from_rows,
     generate_responses,
+    sample_responses,
     summary_rows,
     wilson_interval,
 )
@@ -272,6 +273,23 @@ def test_generation_pads_on_the_left_and_leaves_the_tokenizer_alone(lively_model
     assert call["do_sample"] is False and call["use_cache"] is True
     assert call["max_new_tokens"] == 2 and call["pad_token_id"] == tokenizer.pad_token_id
     assert tokenizer.padding_side == side
+
+
+def test_sampling_draws_reproducible_varied_answers_and_keeps_the_global_rng(lively_model):
+    model, tokenizer = lively_model
+    prompts = [p.prompt for p in HARMFUL[:3]] + ["hi"]
+    options = {"samples": 3, "temperature": 1.0, "max_new_tokens": 6, "batch_size": 2}
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    drawn = sample_responses(model, tokenizer, prompts, seed=7, **options)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert [len(texts) for texts in drawn] == [3] * len(prompts)
+    assert drawn == sample_responses(model, tokenizer, prompts, seed=7, **options)
+    assert drawn != sample_responses(model, tokenizer, prompts, seed=8, **options)
+    # Samples of one prompt differ (a random model at temperature 1 rarely repeats itself).
+    assert any(len(set(texts)) > 1 for texts in drawn)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        sample_responses(model, tokenizer, prompts, samples=2, temperature=0.0)
 
 
 def test_generation_rejects_a_tokenizer_without_chat_template(lively_model):
