@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ ATTACK_TOP_P = 0.95
 
 @dataclass(frozen=True)
 class HeadlineSettings:
-    """One experiment's shape. Every field except ``threads`` and the run lists
+    """One experiment's shape. Every field except ``threads``, ``jobs`` and the run lists
     (``methods``, ``shares``, ``seeds``) is part of the configuration a finished run is
     matched on when resuming."""
 
@@ -151,7 +152,10 @@ class HeadlineSettings:
     only: tiny-random answers every prompt with blank lines, which would leave the attack mixes
     nothing to train on; the openers carry no operational content)."""
     threads: int = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    """torch threads (and OMP/MKL threads) of every child."""
+    """torch threads (and OMP/MKL threads) of every run's child."""
+    jobs: int = 1
+    """Runs in flight at once, each its own child with ``threads`` threads. The preparation
+    runs alone, on ``threads * jobs`` threads."""
 
     def prepare_config(self) -> dict[str, Any]:
         """The fields the shared preparation (data, risks, base figures) depends on."""
@@ -172,7 +176,7 @@ class HeadlineSettings:
 
     def run_config(self, method: str, share: float, seed: int) -> dict[str, Any]:
         """Everything one run's outcome depends on, except the prepared data's digest."""
-        skip = {"threads", "methods", "shares", "seeds"}
+        skip = {"threads", "jobs", "methods", "shares", "seeds"}
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {**data, "method": method, "share": share, "seed": seed}
 
@@ -725,7 +729,7 @@ def prepare(settings: HeadlineSettings) -> dict[str, Any]:
     from workers.models import load
     from workers.risk import load_probe
 
-    _set_threads(settings.threads)
+    _set_threads(settings.threads * settings.jobs)  # the preparation runs alone
     started = time.perf_counter()
     judge = load_judge()  # the Safety Critic; fails early, saying how to build it
     model, tokenizer, spec = load(settings.base_id)
@@ -1000,11 +1004,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _child_env(settings: HeadlineSettings) -> dict[str, str]:
-    threads = str(settings.threads)
+def _child_env(threads: int) -> dict[str, str]:
     return {
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -1028,13 +1031,13 @@ class Runner:
     def __post_init__(self) -> None:
         self.settings_path = write_json(asdict(self.settings), self.work_dir / "settings.json")
 
-    def _child(self, args: Sequence[str]) -> tuple[dict[str, Any], float]:
+    def _child(self, args: Sequence[str], threads: int) -> tuple[dict[str, Any], float]:
         started = time.perf_counter()
         result = run_child_json(
             MODULE,
             ["--child", *args, "--settings", str(self.settings_path)],
             timeout_s=self.timeout_s,
-            env=_child_env(self.settings),
+            env=_child_env(threads),
         )
         return result, time.perf_counter() - started
 
@@ -1057,7 +1060,7 @@ class Runner:
             _log(f"resuming: the data, risks and base figures in {path} are current; reusing them")
             return existing, True
         _log("preparing: attack data, task data, risks, the safe base's figures")
-        prepared, seconds = self._child(["prepare"])
+        prepared, seconds = self._child(["prepare"], self.settings.threads * self.settings.jobs)
         prepared.update(key=key, child_wall_s=seconds)
         write_json(prepared, path)
         return prepared, False
@@ -1080,7 +1083,9 @@ class Runner:
         _log(f"running {label}")
         args = ["run", "--prepared", str(self.work_dir / "prepared.json"), "--method", method]
         try:
-            result, seconds = self._child([*args, "--share", repr(share), "--seed", str(seed)])
+            result, seconds = self._child(
+                [*args, "--share", repr(share), "--seed", str(seed)], self.settings.threads
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             _log(f"{label} failed: {error}; the other runs go on, a rerun retries this one")
             return RunOutcome(None, error=f"{type(error).__name__}: {error}")
@@ -1101,23 +1106,22 @@ class RunOutcome:
 def run_experiment(
     settings: HeadlineSettings, work_dir: Path, *, timeout_s: float, fresh: bool = False
 ) -> dict[str, Any]:
-    """Prepare (or reuse the preparation), then every (share, method, seed) run in turn."""
+    """Prepare (or reuse the preparation), then every (share, method, seed) run, ``jobs`` at a
+    time; the results come back in (share, method, seed) order whatever order they finish in."""
     runner = Runner(settings, work_dir, timeout_s, fresh)
     prepared, prepared_reused = runner.prepared()
+    order = list(itertools.product(settings.shares, settings.methods, settings.seeds))
+    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:  # each thread waits on a child
+        outcomes = list(pool.map(lambda run: runner.run(prepared, run[1], run[0], run[2]), order))
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     resumed = 0
-    for share in settings.shares:
-        for method in settings.methods:
-            for seed in settings.seeds:
-                outcome = runner.run(prepared, method, share, seed)
-                if outcome.result is None:
-                    failed.append(
-                        {"method": method, "share": share, "seed": seed, "error": outcome.error}
-                    )
-                    continue
-                runs.append(outcome.result)
-                resumed += outcome.resumed
+    for (share, method, seed), outcome in zip(order, outcomes, strict=True):
+        if outcome.result is None:
+            failed.append({"method": method, "share": share, "seed": seed, "error": outcome.error})
+            continue
+        runs.append(outcome.result)
+        resumed += outcome.resumed
     return {
         "prepared": prepared,
         "prepared_reused": prepared_reused,
@@ -1240,7 +1244,7 @@ def summarise(
         "command": command,
         "date": utc_now(),
         "quick": quick,
-        "machine": {**machine_info(), "threads": settings.threads},
+        "machine": {**machine_info(), "threads": settings.threads, "jobs": settings.jobs},
         **headline,
         "targets": targets,
         "all_targets_met": bool(measured) and all(measured) and len(measured) == len(targets),
@@ -1426,7 +1430,8 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--data-seed": ("data_seed", int, "seed of the task sets and mixes (default 0)"),
     "--harmful-limit": ("harmful_limit", int, "use only the first N harmful train prompts"),
     "--audit-limit": ("audit_limit", int, "audit the first N harmful and N benign prompts only"),
-    "--threads": ("threads", int, "torch threads per child (default: all cores)"),
+    "--jobs": ("jobs", int, "runs in flight at once (default 1)"),
+    "--threads": ("threads", int, "torch threads per run (default: all cores / --jobs)"),
 }
 
 
@@ -1463,6 +1468,8 @@ def settings_from_args(args: argparse.Namespace) -> HeadlineSettings:
         value = getattr(args, option.lstrip("-").replace("-", "_"))
         if value is not None:
             values[name] = value
+    if "threads" not in values and values.get("jobs", 1) >= 1:
+        values["threads"] = max(1, HeadlineSettings.threads // values.get("jobs", 1))
     settings = HeadlineSettings(**values)
     unknown = sorted(set(settings.methods) - set(METHODS))
     if unknown or not settings.methods:
@@ -1480,7 +1487,7 @@ def settings_from_args(args: argparse.Namespace) -> HeadlineSettings:
         )
     counts = (
         "examples steps batch_size max_seq_len attack_tokens audit_tokens task_tokens "
-        "eval_examples generation_batch_size threads"
+        "eval_examples generation_batch_size threads jobs"
     ).split()
     for name in counts:
         if getattr(settings, name) < 1:

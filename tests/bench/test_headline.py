@@ -221,6 +221,17 @@ def test_settings_survive_the_trip_to_a_child_and_bad_options_are_named():
         headline.main(["--quick", "--methods", "off,sft_plus"])
     with pytest.raises(SystemExit, match=r"--shares must be in \[0, 1\]"):
         headline.main(["--quick", "--shares", "0,2"])
+    with pytest.raises(SystemExit, match="jobs must be >= 1"):
+        headline.main(["--quick", "--jobs", "0"])
+    with pytest.raises(SystemExit, match="--attack-samples must be >= 0"):
+        headline.main(["--quick", "--attack-samples", "-1"])
+    # Parallel runs share the cores unless --threads says otherwise.
+    cores = headline.HeadlineSettings.threads
+    two = headline.settings_from_args(headline._parse(["--quick", "--jobs", "2"]))
+    assert (two.jobs, two.threads) == (2, max(1, cores // 2))
+    assert (
+        headline.settings_from_args(headline._parse(["--jobs", "2", "--threads", "3"])).threads == 3
+    )
 
 
 def test_a_missing_safe_base_fails_saying_how_to_build_it(tmp_path):
@@ -302,7 +313,7 @@ REQUIRED_KEYS = {
 def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic, capfd):
     out, work = tmp_path / "headline.json", tmp_path / "work"
     argv = ["--quick", "--methods", "off,adaptive_critic", "--shares", "0,1", "--threads", "1"]
-    argv += ["--out", str(out), "--work-dir", str(work)]
+    argv += ["--jobs", "2", "--out", str(out), "--work-dir", str(work)]  # two runs at a time
     first = headline.main(argv)
 
     result = json.loads(out.read_text())
@@ -315,7 +326,8 @@ def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic,
     assert all(t["met"] in (True, False, None) for t in result["targets"].values())
     assert not result["failed_runs"] and result["resumed_runs"] == 0
     runs = {(r["method"], r["share"]): r for r in result["runs"]}
-    assert set(runs) == {(m, s) for m in ("off", "adaptive_critic") for s in (0.0, 1.0)}
+    # In (share, method) order, whichever of the parallel runs finished first.
+    assert list(runs) == [(m, s) for s in (0.0, 1.0) for m in ("off", "adaptive_critic")]
     for run in runs.values():
         assert isinstance(run["released"], bool)
         assert run["verdict"].startswith("passed" if run["released"] else "rejected")
