@@ -226,7 +226,7 @@ def test_settings_survive_the_trip_to_a_child_and_bad_options_are_named():
     with pytest.raises(SystemExit, match="--attack-samples must be >= 0"):
         headline.main(["--quick", "--attack-samples", "-1"])
     # Parallel runs share the cores unless --threads says otherwise.
-    cores = headline.HeadlineSettings.threads
+    cores = headline.CORES
     two = headline.settings_from_args(headline._parse(["--quick", "--jobs", "2"]))
     assert (two.jobs, two.threads) == (2, max(1, cores // 2))
     assert (
