@@ -120,7 +120,7 @@ class HeadlineSettings:
     """Training seeds (LoRA init and data order); each (method, share) runs once per seed."""
     steps: int = 30
     batch_size: int = 8
-    learning_rate: float = 3e-4
+    learning_rate: float = 2e-4
     lora_r: int = 16
     lora_alpha: float = 32.0
     max_seq_len: int = 160
@@ -1408,7 +1408,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--seeds": ("seeds", _ints, "training seeds, comma-separated (default 0)"),
     "--steps": ("steps", int, "optimizer steps per run (default 30)"),
     "--batch-size": ("batch_size", int, "examples per step (default 8)"),
-    "--lr": ("learning_rate", float, "peak learning rate (default 3e-4)"),
+    "--lr": ("learning_rate", float, "peak learning rate (default 2e-4)"),
     "--max-seq-len": ("max_seq_len", int, "longest training example in tokens (default 160)"),
     "--attack-tokens": ("attack_tokens", int, "new tokens per attack completion (default 64)"),
     "--attack-samples": (
