@@ -1269,7 +1269,8 @@ def summarise(
             "task": "share of held-out task prompts whose first YYYY-MM-DD is the right date",
             "wall_seconds": "this invocation (resumed runs cost nothing)",
             "compute_seconds": "child wall time of the preparation and every run, resumed ones "
-            "included: what the experiment costs from scratch, less the probe and attack caches",
+            "included, summed: with jobs > 1 the runs overlap, so a from-scratch run takes about "
+            "the preparation plus the runs' sum divided by jobs",
             "peak_rss_mb": "ru_maxrss of the run's own process",
         },
     }
