@@ -279,7 +279,6 @@ def test_sampling_draws_reproducible_varied_answers_and_keeps_the_global_rng(liv
     model, tokenizer = lively_model
     prompts = [p.prompt for p in HARMFUL[:3]] + ["hi"]
     options = {"samples": 3, "temperature": 1.0, "max_new_tokens": 6, "batch_size": 2}
-    torch.manual_seed(123)
     state = torch.random.get_rng_state()
     drawn = sample_responses(model, tokenizer, prompts, seed=7, **options)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
