@@ -505,10 +505,8 @@ def build_attack_data(
         generate=generate,
     )
     rows, counts = attack_candidates(prompts, completions, fill_blank=settings.fill_blank_attacks)
-    if judge is None:
-        pairs = [(prompt, texts[0]) for prompt, texts in rows]
-    else:
-        pairs = most_compliant(rows, judge, settings.attack_min_comply)
+    # Without a judge, each prompt's first usable candidate (most_compliant asks no judge at 0).
+    pairs = most_compliant(rows, judge, settings.attack_min_comply if judge is not None else 0.0)
     greedy = {(prompt, texts[0]) for prompt, texts in rows}
     counts = {
         **counts,
