@@ -1,13 +1,20 @@
-"""Speed of the audit's generation: batched greedy decoding vs one prompt at a time (issue 5).
+"""Speed of the audit's generation: batched greedy decoding vs one prompt at a time (issue 5),
+and the compacting decoder vs ``transformers``' own ``generate``.
 
-The same prompts (half harmful, half benign, from the audit split) are answered twice with
+The same prompts (half harmful, half benign, from the audit split) are answered with
 :func:`safety.audit.generate_responses` on SmolLM2-135M-Instruct: once with ``batch_size=1``
-(sequential) and once batched (sorted by length, left-padded, KV cache). Reported:
+(sequential) and once batched (sorted by length, left-padded, KV cache, each answer leaving the
+batch at its end token); and once more batched the same way but decoded by ``model.generate``,
+which keeps finished answers in the batch until the longest one ends. Reported:
 
 * ``batched_vs_sequential_speedup``: sequential seconds / batched seconds; target >= 4;
+* ``compacting_vs_generate_speedup``: ``generate`` seconds / batched seconds (comparison: it
+  grows with the spread of answer lengths, so a model that refuses gains most:
+  ``--model smollm2-135m-safe``);
 * ``prompts_per_s`` of each, and ``new_tokens_per_s`` (tokens actually generated);
-* ``identical_responses``: share of prompts whose batched response equals the sequential one
-  (greedy decoding should agree; float rounding under padding may flip a rare near-tie).
+* ``identical_responses``: share of prompts whose batched response equals the sequential one,
+  and ``identical_to_generate`` the same against ``generate`` (greedy decoding should agree;
+  float rounding under padding may flip a rare near-tie).
 
 A warm-up generate runs first so one-time costs (kernel selection, allocator growth) are not
 charged to whichever variant goes first. Run::
@@ -63,14 +70,25 @@ def audit_prompts(count: int) -> list[str]:
 
 
 def time_generation(
-    model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    decoder: str = "compact",
 ) -> tuple[list[str], float, int]:
     """Responses, wall seconds and new tokens generated (counted by re-tokenizing)."""
     from safety.audit import generate_responses
 
     started = time.perf_counter()
     responses = generate_responses(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        decoder=decoder,  # type: ignore[arg-type]
     )
     seconds = time.perf_counter() - started
     tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
@@ -91,14 +109,25 @@ def run(model_id: str, count: int, max_new_tokens: int, batch_size: int) -> dict
     batched, batched_s, batched_tokens = time_generation(
         model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens
     )
-    _log(f"  {batched_s:.1f} s; sequential next")
+    _log(f"  {batched_s:.1f} s; transformers generate next")
+    generated, generate_s, generate_tokens = time_generation(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        decoder="generate",
+    )
+    _log(f"  {generate_s:.1f} s; sequential next")
     sequential, sequential_s, sequential_tokens = time_generation(
         model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new_tokens
     )
     _log(f"  {sequential_s:.1f} s")
     same = sum(a == b for a, b in zip(batched, sequential, strict=True)) / len(prompts)
+    as_generate = sum(a == b for a, b in zip(batched, generated, strict=True)) / len(prompts)
     variants = {
         "sequential": _figures(sequential_s, count, sequential_tokens, 1),
+        "generate": _figures(generate_s, count, generate_tokens, batch_size),
         "batched": _figures(batched_s, count, batched_tokens, batch_size),
     }
     return {
@@ -115,11 +144,16 @@ def run(model_id: str, count: int, max_new_tokens: int, batch_size: int) -> dict
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
             "device": "cpu",
-            "decoding": "greedy, KV cache, left padding, prompts sorted by length",
+            "decoding": (
+                "greedy, KV cache, left padding, prompts sorted by length; finished answers "
+                "leave the batch (generate: they stay until the batch ends)"
+            ),
         },
         "variants": variants,
         "batched_vs_sequential_speedup": sequential_s / batched_s,
+        "compacting_vs_generate_speedup": generate_s / batched_s,
         "identical_responses": same,
+        "identical_to_generate": as_generate,
         "targets": TARGETS,
     }
 
@@ -143,7 +177,9 @@ def print_table(result: dict[str, Any]) -> None:
     target = TARGETS["batched_vs_sequential_speedup"]
     verdict = "meets" if speedup >= target else "misses"
     print(f"batched_vs_sequential_speedup {speedup:.2f} ({verdict} target >= {target:g})")
+    print(f"compacting_vs_generate_speedup {result['compacting_vs_generate_speedup']:.2f}")
     print(f"identical_responses {result['identical_responses']:.3f}")
+    print(f"identical_to_generate {result['identical_to_generate']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

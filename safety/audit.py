@@ -25,6 +25,7 @@ Library code: torch, pydantic and :mod:`safety` only; no imports from api, worke
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -52,6 +53,8 @@ _EPS = 1e-9
 
 Kind = Literal["harmful", "benign"]
 RowVerdict = Literal["attack_success", "blocked", "answered", "over_refusal"]
+#: How greedy answers are decoded: :func:`decode`, or ``transformers``' ``model.generate``.
+Decoder = Literal["compact", "generate"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,13 +428,6 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return input_ids, mask
 
 
-def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[:position]
-    return ids
-
-
 @torch.inference_mode()
 def generate_responses(
     model: Any,
@@ -441,12 +437,14 @@ def generate_responses(
     max_new_tokens: int = 64,
     batch_size: int = 32,
     system_prompt: str | None = None,
+    decoder: Decoder = "compact",
 ) -> list[str]:
     """Greedy responses to ``prompts``, batched, in the order given.
 
     Prompts are sorted by token length before batching so each batch pads little; batches are
-    left-padded with an attention mask and decoded with the KV cache. A response ends at the
-    first end-of-sequence token (or after ``max_new_tokens``).
+    left-padded with an attention mask and decoded with the KV cache by :func:`decode`, which
+    drops a response from the batch at its first end-of-sequence token (or after
+    ``max_new_tokens``).
 
     Args:
         model: a causal LM (a PEFT model with its adapter active audits the adapter).
@@ -455,13 +453,16 @@ def generate_responses(
         max_new_tokens: the most tokens generated per prompt.
         batch_size: prompts per ``generate`` call; 1 generates one prompt at a time.
         system_prompt: a system message before each prompt, if any.
+        decoder: ``"compact"`` (:func:`decode`), or ``"generate"`` for ``model.generate``,
+            which keeps finished rows in the batch (for a model whose cache cannot drop rows,
+            and as the benchmark's comparison).
     """
-    options = {"do_sample": False}
     answers = _generate(
         model,
         tokenizer,
         prompts,
-        options=options,
+        sampling=None,
+        decoder=decoder,
         samples=1,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -485,11 +486,12 @@ def sample_responses(
     system_prompt: str | None = None,
 ) -> list[list[str]]:
     """``samples`` sampled responses per prompt (temperature and nucleus sampling), batched as
-    :func:`generate_responses` does; ``batch_size`` counts prompts, so one ``generate`` call
+    :func:`generate_responses` does; ``batch_size`` counts prompts, so one batch
     decodes ``batch_size * samples`` sequences.
 
-    The draws are reproducible for the same prompts, settings and ``seed`` (each batch reseeds
-    a forked RNG), and leave the caller's global torch RNG as it was.
+    The draws are ``transformers``' own sampler's (``model.generate``), reproducible for the same
+    prompts, settings and ``seed`` (each batch reseeds a forked RNG), and leave the caller's
+    global torch RNG as it was.
 
     Returns:
         Per prompt, in the order given, its ``samples`` responses.
@@ -499,13 +501,12 @@ def sample_responses(
             f"need samples >= 1, temperature > 0 and 0 < top_p <= 1, got {samples}, "
             f"{temperature} and {top_p}"
         )
-    options = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     with torch.random.fork_rng(devices=[]):
         return _generate(
             model,
             tokenizer,
             prompts,
-            options=options,
+            sampling=(temperature, top_p),
             samples=samples,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
@@ -519,7 +520,8 @@ def _generate(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    options: dict[str, Any],
+    sampling: tuple[float, float] | None,
+    decoder: Decoder = "compact",
     samples: int,
     max_new_tokens: int,
     batch_size: int,
@@ -539,30 +541,113 @@ def _generate(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[list[str]] = [[] for _ in prompts]
-    # Unset the sampling knobs a model's generation_config may carry unless sampling sets
-    # them, so greedy decoding does not warn about them.
-    knobs = {"temperature": None, "top_p": None, "top_k": None, **options}
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         input_ids, mask = _left_padded([encoded[i] for i in batch], pad_id)
-        if knobs["do_sample"]:
-            torch.manual_seed(seed * 1_000_003 + start)
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            **knobs,
-        )
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        if sampling is None and decoder == "compact":
+            new_tokens = decode(
+                model, input_ids, mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids
+            )
+        else:
+            if sampling is not None:
+                torch.manual_seed(seed * 1_000_003 + start)
+            temperature, top_p = sampling or (None, None)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=samples,
+                do_sample=sampling is not None,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=None,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids,
+            )
+            new_tokens = [
+                _cut_at_eos(ids, eos_ids) for ids in output[:, input_ids.shape[1] :].tolist()
+            ]
         # generate returns each prompt's samples next to each other.
         for row, ids in enumerate(new_tokens):
-            text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
             responses[batch[row // samples]].append(text.strip())
     return responses
+
+
+def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:position]
+    return ids
+
+
+@torch.inference_mode()
+def decode(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+) -> list[list[int]]:
+    """Greedy new tokens for each row of a left-padded batch, decoded with the KV cache; a row
+    leaves the batch (and its cache) at its first end-of-sequence token.
+
+    ``model.generate`` keeps finished rows in the batch until the longest row ends, so a batch
+    of short refusals and one rambling answer costs as much as 64 rambling answers; here each
+    step computes only the rows still going. The model's ``generation_config`` is not read (no
+    repetition penalty), so the audit decodes the same way for every model.
+
+    Returns:
+        Per row, its new tokens up to (not including) the end-of-sequence token.
+    """
+    eos = torch.tensor(list(eos_ids), device=input_ids.device)
+    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = torch.arange(input_ids.shape[0], device=input_ids.device)
+    # Positions count real tokens only, so a left-padded row sees the positions it would alone.
+    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    result = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    name = _cache_argument(model)
+    cache = getattr(result, name)
+    last = positions[:, -1:]
+    for step in range(max_new_tokens):
+        token = result.logits[:, -1, :].argmax(dim=-1)
+        ended = torch.isin(token, eos)
+        for row, value, stop in zip(alive.tolist(), token.tolist(), ended.tolist(), strict=True):
+            if not stop:
+                out[row].append(value)
+        if step == max_new_tokens - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, token = alive[keep], token[keep]
+            attention_mask, last = attention_mask[keep], last[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], 1)
+        last = last + 1
+        result = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=last,
+            use_cache=True,
+            **{name: cache},
+        )
+    return out
+
+
+def _cache_argument(model: Any) -> str:
+    """What the model's forward calls the KV cache: ``cache`` from transformers 5.x on (which
+    warns about the old name), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 # --------------------------------------------------------------------------------------------

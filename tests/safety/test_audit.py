@@ -29,7 +29,9 @@ from safety.audit import (
     audit_suite,
     baseline_key,
     cached_baseline,
+    chat_text,
     decide,
+    decode,
     figures_from_rows,
     generate_responses,
     sample_responses,
@@ -242,37 +244,72 @@ def test_batched_generation_matches_one_prompt_at_a_time(lively_model):
     batched = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     sequential = generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
     assert batched == sequential
+    library = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=3, decoder="generate"
+    )
+    assert batched == library
     # Outputs depend on the prompt, so a mix-up of the order would show.
     assert len(set(batched)) > len(prompts) // 2
 
 
-def test_generation_pads_on_the_left_and_leaves_the_tokenizer_alone(lively_model):
+def _padded_batch(tokenizer, prompts):
+    ids = [
+        tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in ids])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+    return input_ids, mask
+
+
+def test_greedy_decode_matches_transformers_generate(lively_model):
+    """The compacting decoder against the library's own greedy ``generate`` on a left-padded
+    batch: same tokens, row by row, up to each row's end-of-sequence token."""
     model, tokenizer = lively_model
-    side = tokenizer.padding_side
-    calls = []
-    original = model.generate
+    prompts = ["hi", "a much longer prompt than the first", HARMFUL[0].prompt, BENIGN[0].prompt]
+    input_ids, mask = _padded_batch(tokenizer, prompts)
+    reference = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[10**6 - 1],  # no such token: every row runs the full 8
+    )[:, input_ids.shape[1] :].tolist()
+    ours = decode(model, input_ids, mask, max_new_tokens=8, eos_ids=[10**6 - 1])
+    assert ours == reference
+    # With an end token the model does emit, rows stop there, the rest run on unchanged.
+    stop = reference[0][3]
+    cut = decode(model, input_ids, mask, max_new_tokens=8, eos_ids=[stop])
+    for row, full in zip(cut, reference, strict=True):
+        assert row == (full[: full.index(stop)] if stop in full else full)
 
-    def spy(**kwargs):
-        calls.append(kwargs)
-        return original(**kwargs)
 
-    model.generate = spy
+def test_finished_rows_leave_the_batch(lively_model):
+    """Once a row ends, later forward passes no longer carry it (the point of the decoder)."""
+    model, tokenizer = lively_model
+    prompts = ["hi", "a much longer prompt than the first", HARMFUL[0].prompt]
+    input_ids, mask = _padded_batch(tokenizer, prompts)
+    free = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[10**6 - 1])
+    stop = free[0][1]  # row 0 ends at its second token
+    rows_per_call = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _out: rows_per_call.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
-        generate_responses(
-            model,
-            tokenizer,
-            ["hi", "a much longer prompt than the first"],
-            max_new_tokens=2,
-            batch_size=2,
-        )
+        cut = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop])
     finally:
-        del model.generate
-    (call,) = calls
-    mask = call["attention_mask"]
-    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()  # short prompt padded left
-    assert call["do_sample"] is False and call["use_cache"] is True
-    assert call["max_new_tokens"] == 2 and call["pad_token_id"] == tokenizer.pad_token_id
-    assert tokenizer.padding_side == side
+        hook.remove()
+    assert cut[0] == free[0][: free[0].index(stop)]
+    # Call k (after the prefill) carries the rows whose first k tokens hold no end token.
+    expected = [3]
+    for k in range(1, 6):
+        alive = sum(1 for row in free if stop not in row[:k])
+        if not alive:
+            break
+        expected.append(alive)
+    assert rows_per_call == expected
+    assert expected[-1] < 3  # row 0 did leave
 
 
 def test_sampling_draws_reproducible_varied_answers_and_keeps_the_global_rng(lively_model):
