@@ -1104,6 +1104,14 @@ class RunOutcome:
     error: str | None = None
 
 
+def launch_order(run: tuple[float, str, int]) -> tuple[bool, float, int]:
+    """Which runs start first: the ``off`` baselines (whether the attack works at all is the
+    first thing to know), then by harmful share from the top, since the attacked mixes pull
+    most rows to the reference and train longest, so two jobs end close together."""
+    share, method, seed = run
+    return (method != "off", -share, seed)
+
+
 def run_experiment(
     settings: HeadlineSettings, work_dir: Path, *, timeout_s: float, fresh: bool = False
 ) -> dict[str, Any]:
@@ -1113,7 +1121,11 @@ def run_experiment(
     prepared, prepared_reused = runner.prepared()
     order = list(itertools.product(settings.shares, settings.methods, settings.seeds))
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:  # each thread waits on a child
-        outcomes = list(pool.map(lambda run: runner.run(prepared, run[1], run[0], run[2]), order))
+        started = {
+            run: pool.submit(runner.run, prepared, run[1], run[0], run[2])
+            for run in sorted(order, key=launch_order)
+        }
+        outcomes = [started[run].result() for run in order]
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     resumed = 0

@@ -250,6 +250,19 @@ def _run(method: str, share: float, asr: float, task_accuracy: float, released: 
     }
 
 
+def test_attack_baselines_start_first_then_the_most_harmful_mixes():
+    runs = [(share, method, 0) for share in (0.0, 0.1, 1.0) for method in ("off", "fixed")]
+    started = sorted(runs, key=headline.launch_order)
+    assert started == [
+        (1.0, "off", 0),
+        (0.1, "off", 0),
+        (0.0, "off", 0),
+        (1.0, "fixed", 0),
+        (0.1, "fixed", 0),
+        (0.0, "fixed", 0),
+    ]
+
+
 def test_targets_follow_the_issue():
     runs = [
         _run("off", 0.0, 0.02, 0.90, True),
