@@ -190,8 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, help=f"prompts (default {DEFAULTS.prompts})")
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (default 64)")
     parser.add_argument("--batch-size", type=int, help="batched variant's batch (default 64)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{NAME}.json")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = SMOKE if args.smoke else DEFAULTS
     result = run(
