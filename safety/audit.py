@@ -617,19 +617,24 @@ def decode(
     )
     name = _cache_argument(model)
     cache = getattr(result, name)
+    # A cache that cannot drop rows (not every model's has batch_select_indices) keeps its
+    # finished rows running, as model.generate does, and their tokens are ignored.
+    droppable = callable(getattr(cache, "batch_select_indices", None))
+    done = torch.zeros_like(alive, dtype=torch.bool)
     last = positions[:, -1:]
     for step in range(max_new_tokens):
         token = result.logits[:, -1, :].argmax(dim=-1)
-        ended = torch.isin(token, eos)
+        ended = done | torch.isin(token, eos)
         for row, value, stop in zip(alive.tolist(), token.tolist(), ended.tolist(), strict=True):
             if not stop:
                 out[row].append(value)
         if step == max_new_tokens - 1 or bool(ended.all()):
             break
-        if bool(ended.any()):
+        done = ended
+        if droppable and bool(ended.any()):
             keep = (~ended).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            alive, token = alive[keep], token[keep]
+            alive, token, done = alive[keep], token[keep], done[keep]
             attention_mask, last = attention_mask[keep], last[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], 1)
         last = last + 1

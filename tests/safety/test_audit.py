@@ -312,6 +312,27 @@ def test_finished_rows_leave_the_batch(lively_model):
     assert expected[-1] < 3  # row 0 did leave
 
 
+def test_a_cache_that_cannot_drop_rows_still_stops_each_answer(lively_model, monkeypatch):
+    from transformers.cache_utils import Cache
+
+    model, tokenizer = lively_model
+    prompts = ["hi", "a much longer prompt than the first", HARMFUL[0].prompt]
+    input_ids, mask = _padded_batch(tokenizer, prompts)
+    free = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[10**6 - 1])
+    stop = free[0][1]
+    compacted = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop])
+    monkeypatch.delattr(Cache, "batch_select_indices")
+    rows_per_call = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _out: rows_per_call.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        assert decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop]) == compacted
+    finally:
+        hook.remove()
+    assert set(rows_per_call) == {3}  # nobody left the batch
+
+
 def test_sampling_draws_reproducible_varied_answers_and_keeps_the_global_rng(lively_model):
     model, tokenizer = lively_model
     prompts = [p.prompt for p in HARMFUL[:3]] + ["hi"]
