@@ -451,7 +451,7 @@ def generate_responses(
         tokenizer: its tokenizer, with a chat template.
         prompts: user messages.
         max_new_tokens: the most tokens generated per prompt.
-        batch_size: prompts per ``generate`` call; 1 generates one prompt at a time.
+        batch_size: prompts decoded together; 1 generates one prompt at a time.
         system_prompt: a system message before each prompt, if any.
         decoder: ``"compact"`` (:func:`decode`), or ``"generate"`` for ``model.generate``,
             which keeps finished rows in the batch (for a model whose cache cannot drop rows,
