@@ -31,9 +31,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import RESULTS_DIR, format_table, machine_info, utc_now, write_json
+
+if TYPE_CHECKING:
+    from safety.audit import Decoder
 
 NAME = "audit_speed"
 TARGETS = {"batched_vs_sequential_speedup": 4.0}
@@ -76,7 +79,7 @@ def time_generation(
     *,
     batch_size: int,
     max_new_tokens: int,
-    decoder: str = "compact",
+    decoder: Decoder = "compact",
 ) -> tuple[list[str], float, int]:
     """Responses, wall seconds and new tokens generated (counted by re-tokenizing)."""
     from safety.audit import generate_responses
@@ -88,7 +91,7 @@ def time_generation(
         prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        decoder=decoder,  # type: ignore[arg-type]
+        decoder=decoder,
     )
     seconds = time.perf_counter() - started
     tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)

@@ -454,8 +454,8 @@ def generate_responses(
         batch_size: prompts decoded together; 1 generates one prompt at a time.
         system_prompt: a system message before each prompt, if any.
         decoder: ``"compact"`` (:func:`decode`), or ``"generate"`` for ``model.generate``,
-            which keeps finished rows in the batch (for a model whose cache cannot drop rows,
-            and as the benchmark's comparison).
+            which keeps finished rows in the batch and applies the model's
+            ``generation_config`` (the benchmark's comparison).
     """
     answers = _generate(
         model,

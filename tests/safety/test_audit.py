@@ -7,6 +7,7 @@ refusal detection is the real keyword detector.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -25,6 +26,7 @@ from safety.audit import (
     PromptRow,
     Rate,
     RefusalDetector,
+    _left_padded,
     audit,
     audit_suite,
     baseline_key,
@@ -256,10 +258,20 @@ def _padded_batch(tokenizer, prompts):
     ids = [
         tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
     ]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in ids])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-    return input_ids, mask
+    return _left_padded(ids, tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def _rows_per_forward(model):
+    """The batch size of each forward pass of ``model`` inside the block."""
+    rows: list[int] = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        yield rows
+    finally:
+        hook.remove()
 
 
 def test_greedy_decode_matches_transformers_generate(lively_model):
@@ -292,14 +304,8 @@ def test_finished_rows_leave_the_batch(lively_model):
     input_ids, mask = _padded_batch(tokenizer, prompts)
     free = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[10**6 - 1])
     stop = free[0][1]  # row 0 ends at its second token
-    rows_per_call = []
-    hook = model.register_forward_hook(
-        lambda _m, _a, kw, _out: rows_per_call.append(kw["input_ids"].shape[0]), with_kwargs=True
-    )
-    try:
+    with _rows_per_forward(model) as rows_per_call:
         cut = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop])
-    finally:
-        hook.remove()
     assert cut[0] == free[0][: free[0].index(stop)]
     # Call k (after the prefill) carries the rows whose first k tokens hold no end token.
     expected = [3]
@@ -322,14 +328,8 @@ def test_a_cache_that_cannot_drop_rows_still_stops_each_answer(lively_model, mon
     stop = free[0][1]
     compacted = decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop])
     monkeypatch.delattr(Cache, "batch_select_indices")
-    rows_per_call = []
-    hook = model.register_forward_hook(
-        lambda _m, _a, kw, _out: rows_per_call.append(kw["input_ids"].shape[0]), with_kwargs=True
-    )
-    try:
+    with _rows_per_forward(model) as rows_per_call:
         assert decode(model, input_ids, mask, max_new_tokens=6, eos_ids=[stop]) == compacted
-    finally:
-        hook.remove()
     assert set(rows_per_call) == {3}  # nobody left the batch
 
 
