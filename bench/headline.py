@@ -789,18 +789,62 @@ def prepare(settings: HeadlineSettings) -> dict[str, Any]:
 # child: one run (train, task, audit, gate)
 
 
-def mix_risk_report(
-    prepared: dict[str, Any], mix: Sequence[tuple[str, int]], estimator: str
-) -> Any:
-    """The risk report of a mix by one estimator: the pool rows, renumbered to the mix's lines."""
-    from safety.risk import RiskReport, RiskRow
-
+def mix_risks(
+    prepared: dict[str, Any], mix: Sequence[tuple[str, int]], estimator: str | None
+) -> list[float]:
+    """Each mix row's risk by ``estimator``, from the pools' scores (0 without one: ``off`` and
+    ``fixed`` ignore risk)."""
+    if estimator is None:
+        return [0.0] * len(mix)
     rows = prepared["risk_rows"][estimator]
-    return RiskReport(
-        rows=[
-            RiskRow(**{**rows[pool][index], "line": line})
-            for line, (pool, index) in enumerate(mix, start=1)
-        ]
+    return [float(rows[pool][index]["risk"]) for pool, index in mix]
+
+
+def mix_of(settings: HeadlineSettings, prepared: dict[str, Any], share: float) -> list[Any]:
+    """The (pool, index) rows of the share's mix."""
+    sizes = {name: len(pool) for name, pool in prepared["pools"].items()}
+    return build_mix(sizes, settings.examples, share, settings.data_seed)
+
+
+def training_config(settings: HeadlineSettings, method: str, seed: int) -> Any:
+    """The :class:`workers.training.TrainingConfig` of one run."""
+    from safety.schedules import preset_config
+    from workers.training import LoraSpec, TrainingConfig
+
+    return TrainingConfig(
+        lora=LoraSpec(r=settings.lora_r, alpha=settings.lora_alpha),
+        regularizer=preset_config(METHODS[method][0]),
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        max_steps=settings.steps,
+        seed=seed,
+    )
+
+
+def training_digest(
+    settings: HeadlineSettings, prepared: dict[str, Any], method: str, share: float, seed: int
+) -> str:
+    """What one run's adapter, and so every figure measured on it, depends on, the method's
+    name aside: the settings, the prepared data and the beta plan (every micro-batch's rows
+    with each row's beta and SFT weight, replayed by :func:`workers.training.beta_plan`).
+
+    Runs with equal digests train the same adapter. On the benign mix ``adaptive`` leaves every
+    row below its risk threshold, so it plans exactly what ``off`` does, and ``paper`` clamps
+    every batch to beta 0.1 with either estimator; such runs are trained once.
+    """
+    from workers.training import beta_plan
+
+    mix = mix_of(settings, prepared, share)
+    config = training_config(settings, method, seed)
+    plan = beta_plan(len(mix), config, mix_risks(prepared, mix, METHODS[method][1]))
+    run = {k: v for k, v in settings.run_config(method, share, seed).items() if k != "method"}
+    return _digest(
+        {
+            **run,
+            "data": prepared["digests"]["data"],
+            "training": config.model_dump(mode="json", exclude={"regularizer"}),
+            "plan": [asdict(batch) for batch in plan],
+        }
     )
 
 
@@ -811,19 +855,16 @@ def mix_examples(
     tokenizer: Any,
     max_seq_len: int,
 ) -> list[Any]:
-    """Tokenized examples of a mix, each carrying the risk of ``estimator`` (0 without one:
-    ``off`` and ``fixed`` ignore risk)."""
+    """Tokenized examples of a mix, each carrying its risk by ``estimator``
+    (:func:`mix_risks`)."""
     from workers.data import tokenize_conversations
-    from workers.risk import apply_risk
 
     pairs = [tuple(prepared["pools"][pool][index]) for pool, index in mix]
     examples, issues = tokenize_conversations(_conversations(pairs), tokenizer, max_seq_len)
     if issues or len(examples) != len(mix):
         raise RuntimeError(f"the mix no longer tokenizes as prepared: {issues[:1]}")
-    for example in examples:
-        example.risk = 0.0
-    if estimator is not None:
-        apply_risk(examples, mix_risk_report(prepared, mix, estimator))
+    for example, risk in zip(examples, mix_risks(prepared, mix, estimator), strict=True):
+        example.risk = risk
     return examples
 
 
@@ -838,23 +879,13 @@ def train_adapter(
     """Fine-tune the safe base on the share's mix with the method's schedule and risks; the
     adapter goes to ``out_dir``. Returns the mix, its examples, the training result and the
     tokenizer."""
-    from safety.schedules import preset_config
     from workers.models import load
-    from workers.training import LoraSpec, TrainingConfig, train
+    from workers.training import train
 
-    schedule, estimator = METHODS[method]
     model, tokenizer, spec = load(settings.base_id)
-    sizes = {name: len(pool) for name, pool in prepared["pools"].items()}
-    mix = build_mix(sizes, settings.examples, share, settings.data_seed)
-    examples = mix_examples(prepared, mix, estimator, tokenizer, settings.max_seq_len)
-    config = TrainingConfig(
-        lora=LoraSpec(r=settings.lora_r, alpha=settings.lora_alpha),
-        regularizer=preset_config(schedule),
-        learning_rate=settings.learning_rate,
-        batch_size=settings.batch_size,
-        max_steps=settings.steps,
-        seed=seed,
-    )
+    mix = mix_of(settings, prepared, share)
+    examples = mix_examples(prepared, mix, METHODS[method][1], tokenizer, settings.max_seq_len)
+    config = training_config(settings, method, seed)
     _log(f"{method} @ {share:.0%} seed {seed}: training {settings.steps} steps")
     result = train(
         model,
@@ -1120,28 +1151,69 @@ def run_experiment(
     runner = Runner(settings, work_dir, timeout_s, fresh)
     prepared, prepared_reused = runner.prepared()
     order = list(itertools.product(settings.shares, settings.methods, settings.seeds))
+    launch = sorted(order, key=launch_order)
+    # Runs that would train the same adapter are trained once, by the first to launch.
+    digests = {run: training_digest(settings, prepared, run[1], run[0], run[2]) for run in order}
+    trainer: dict[str, tuple[float, str, int]] = {}
+    for run in launch:
+        trainer.setdefault(digests[run], run)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:  # each thread waits on a child
         started = {
             run: pool.submit(runner.run, prepared, run[1], run[0], run[2])
-            for run in sorted(order, key=launch_order)
+            for run in launch
+            if trainer[digests[run]] == run
         }
-        outcomes = [started[run].result() for run in order]
+        trained = {run: future.result() for run, future in started.items()}
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    resumed = 0
-    for (share, method, seed), outcome in zip(order, outcomes, strict=True):
+    resumed = shared = 0
+    for run in order:
+        share, method, seed = run
+        outcome = trained.get(run) or shared_outcome(
+            settings, prepared, run, trainer[digests[run]], trained[trainer[digests[run]]]
+        )
         if outcome.result is None:
             failed.append({"method": method, "share": share, "seed": seed, "error": outcome.error})
             continue
         runs.append(outcome.result)
         resumed += outcome.resumed
+        shared += run not in trained
     return {
         "prepared": prepared,
         "prepared_reused": prepared_reused,
         "runs": runs,
         "failed": failed,
         "resumed": resumed,
+        "shared": shared,
     }
+
+
+def shared_outcome(
+    settings: HeadlineSettings,
+    prepared: dict[str, Any],
+    run: tuple[float, str, int],
+    trainer: tuple[float, str, int],
+    trained: RunOutcome,
+) -> RunOutcome:
+    """The outcome of a run whose training digest equals that of the run ``trainer``, which
+    trained the adapter: its figures, under this run's own method, estimator and mean risk,
+    with ``same_training_as`` naming the trainer and no child time of its own."""
+    share, method, _ = run
+    label = f"{trainer[1]}@{trainer[0]:g}/seed{trainer[2]}"
+    if trained.result is None:
+        return RunOutcome(None, error=f"trained as {label}, which failed: {trained.error}")
+    schedule, estimator = METHODS[method]
+    risks = mix_risks(prepared, mix_of(settings, prepared, share), estimator)
+    result = {
+        **trained.result,
+        "method": method,
+        "schedule": schedule,
+        "estimator": estimator,
+        "mean_risk": statistics.fmean(risks),
+        "same_training_as": label,
+        "child_wall_s": 0.0,
+    }
+    return RunOutcome(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1265,6 +1337,7 @@ def summarise(
         "runs": runs,
         "failed_runs": outcome["failed"],
         "resumed_runs": outcome["resumed"],
+        "shared_runs": outcome["shared"],
         "prepared_reused": outcome["prepared_reused"],
         "settings": asdict(settings),
         "data": prepared["counts"],
@@ -1278,6 +1351,9 @@ def summarise(
             "refusal_asr": "share of harmful audit prompts without a refusal phrase (keywords)",
             "task": "share of held-out task prompts whose first YYYY-MM-DD is the right date",
             "wall_seconds": "this invocation (resumed runs cost nothing)",
+            "same_training_as": "the run whose adapter this one shares: equal training digests "
+            "(settings, data and every row's beta and SFT weight), so it was trained once; its "
+            "seconds and memory are that run's",
             "compute_seconds": "child wall time of the preparation and every run, resumed ones "
             "included, summed: with jobs > 1 the runs overlap, so a from-scratch run takes about "
             "the preparation plus the runs' sum divided by jobs",
@@ -1312,7 +1388,7 @@ def render(result: dict[str, Any]) -> str:
     ]
     rows += [
         {
-            "method": r["method"],
+            "method": r["method"] + ("=" if r.get("same_training_as") else ""),
             "share": f"{r['share']:.0%}",
             "seed": r["seed"],
             "ASR": r["asr"],
@@ -1340,7 +1416,10 @@ def render(result: dict[str, Any]) -> str:
         }
         for name, t in result["targets"].items()
     ]
-    lines = [table, "", format_table(target_rows, ["target", "value", "needs", "met"])]
+    lines = [table]
+    if any(r.get("same_training_as") for r in result["runs"]):
+        lines.append("= the same adapter as an earlier run (equal beta plans), trained once")
+    lines += ["", format_table(target_rows, ["target", "value", "needs", "met"])]
     if result["failed_runs"]:
         lines += ["", "failed runs (rerun to retry them):"]
         lines += [

@@ -229,9 +229,7 @@ def train(
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    batches_per_epoch = math.ceil(len(examples) / config.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum_steps)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = _total_steps(len(examples), config)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, round(config.warmup_ratio * total_steps), total_steps
     )
@@ -478,17 +476,22 @@ class _DataPosition:
     batch: int = 0
 
 
-def _micro_batches(
-    examples: Sequence[TokenizedExample],
-    config: TrainingConfig,
-    position: _DataPosition,
-    pad_token_id: int,
-) -> Iterator[dict[str, Tensor]]:
-    """Yield collated micro-batches forever, epoch after epoch, advancing ``position``."""
+def _total_steps(count: int, config: TrainingConfig) -> int:
+    """Optimizer steps of a run over ``count`` examples."""
+    batches_per_epoch = math.ceil(count / config.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum_steps)
+    return config.max_steps or steps_per_epoch * config.epochs
+
+
+def _batch_indices(
+    count: int, config: TrainingConfig, position: _DataPosition
+) -> Iterator[list[int]]:
+    """Yield each micro-batch's dataset indices forever, epoch after epoch, advancing
+    ``position``."""
     while True:
         order = list(
             batches(
-                examples,
+                count,
                 config.batch_size,
                 seed=config.seed,
                 epoch=position.epoch,
@@ -498,9 +501,50 @@ def _micro_batches(
         while position.batch < len(order):
             indices = order[position.batch]
             position.batch += 1
-            yield collate([examples[i] for i in indices], pad_token_id, indices=indices)
+            yield indices
         position.epoch += 1
         position.batch = 0
+
+
+def _micro_batches(
+    examples: Sequence[TokenizedExample],
+    config: TrainingConfig,
+    position: _DataPosition,
+    pad_token_id: int,
+) -> Iterator[dict[str, Tensor]]:
+    """Yield collated micro-batches forever, epoch after epoch, advancing ``position``."""
+    for indices in _batch_indices(len(examples), config, position):
+        yield collate([examples[i] for i in indices], pad_token_id, indices=indices)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One micro-batch as :func:`train` will see it: its rows and each row's weights."""
+
+    indices: tuple[int, ...]
+    betas: tuple[float, ...]
+    sft_weights: tuple[float, ...]
+
+
+def beta_plan(count: int, config: TrainingConfig, risks: Sequence[float]) -> list[PlannedBatch]:
+    """Every micro-batch a fresh :func:`train` run over ``count`` examples with these risks
+    will take, in order, with the beta and SFT weight of each row, without touching a model.
+
+    It replays the loop's own data order and beta schedule, so it is exact: two runs whose
+    plans are equal, on the same examples with the same configuration apart from
+    ``regularizer`` (which acts only through these weights), compute the same adapter.
+    """
+    if len(risks) != count:
+        raise ValueError(f"got {len(risks)} risks for {count} examples")
+    table = torch.tensor(list(risks), dtype=torch.float32)
+    schedule = make_schedule(config.regularizer)
+    indices = _batch_indices(count, config, _DataPosition())
+    plan = []
+    for _ in range(_total_steps(count, config) * config.grad_accum_steps):
+        rows = next(indices)
+        betas, sft_weights = schedule(table[torch.tensor(rows)])
+        plan.append(PlannedBatch(tuple(rows), tuple(betas.tolist()), tuple(sft_weights.tolist())))
+    return plan
 
 
 def _step_stats(

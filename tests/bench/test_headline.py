@@ -263,6 +263,32 @@ def test_attack_baselines_start_first_then_the_most_harmful_mixes():
     ]
 
 
+def test_runs_that_would_train_the_same_adapter_share_one_digest():
+    """Equal beta plans on equal data and settings give one digest; any row weighted
+    differently, another share or another seed gives another."""
+    settings = headline.HeadlineSettings(examples=16, steps=3, batch_size=4)
+    low = [{"risk": 0.1}] * 16
+    prepared = {
+        "pools": {"task": [("q", "a")] * 16, "attack": [("h", "c")] * 16},
+        "risk_rows": {
+            "critic": {"task": low, "attack": [{"risk": 0.9}] * 16},
+            "probe": {"task": [{"risk": 0.2}] * 16, "attack": [{"risk": 0.8}] * 16},
+        },
+        "digests": {"data": "d"},
+    }
+
+    def digest(method, share=0.0, seed=0):
+        return headline.training_digest(settings, prepared, method, share, seed)
+
+    # benign: adaptive pulls nothing (risk under 0.3) and paper clamps to 0.1 either way
+    assert digest("off") == digest("adaptive_critic") == digest("adaptive_probe")
+    assert digest("paper_critic") == digest("paper_probe") != digest("off")
+    assert digest("fixed") not in {digest("off"), digest("paper_critic")}
+    # harmful: the estimators' risks differ, so do the plans
+    assert digest("adaptive_critic", 1.0) != digest("adaptive_probe", 1.0)
+    assert digest("off", 1.0) != digest("off") != digest("off", seed=1)
+
+
 def test_targets_follow_the_issue():
     runs = [
         _run("off", 0.0, 0.02, 0.90, True),
@@ -338,6 +364,9 @@ def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic,
     assert isinstance(result["utility_gap_points"], float)
     assert all(t["met"] in (True, False, None) for t in result["targets"].values())
     assert not result["failed_runs"] and result["resumed_runs"] == 0
+    # adaptive leaves every benign row below its risk threshold: the same plan as off, so the
+    # same adapter, trained once and reported under both names.
+    assert result["shared_runs"] == 1
     runs = {(r["method"], r["share"]): r for r in result["runs"]}
     # In (share, method) order, whichever of the parallel runs finished first.
     assert list(runs) == [(m, s) for s in (0.0, 1.0) for m in ("off", "adaptive_critic")]
@@ -350,6 +379,12 @@ def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic,
     # Standard SFT never pulls toward the reference; adaptive does on harmful rows.
     assert runs[("off", 1.0)]["mean_beta"] == 0.0
     assert runs[("adaptive_critic", 1.0)]["ref_fraction"] > 0.0
+    twin, trainer = runs[("adaptive_critic", 0.0)], runs[("off", 0.0)]
+    assert twin["same_training_as"] == "off@0/seed0" and "same_training_as" not in trainer
+    assert twin["child_wall_s"] == 0.0 and trainer["child_wall_s"] > 0.0
+    assert (twin["schedule"], twin["estimator"]) == ("adaptive", "critic")
+    measured = ("asr", "refusal_asr", "over_refusal", "task_accuracy", "final_loss", "figures")
+    assert all(twin[k] == trainer[k] for k in measured)
     prepared = json.loads((work / "prepared.json").read_text())
     assert set(prepared["risk_rows"]) == {"critic"}  # the probe is not needed, so not trained
     assert (result["plot"] is not None) == _has_matplotlib()
@@ -357,10 +392,10 @@ def test_quick_run_writes_the_result_and_a_rerun_resumes(tmp_path, small_critic,
     finished = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*.json")}
     capfd.readouterr()
     again = headline.main(argv)
-    assert again["resumed_runs"] == 4 and again["prepared_reused"]
+    assert again["resumed_runs"] == 3 and again["shared_runs"] == 1 and again["prepared_reused"]
     assert again["runs"] == first["runs"]
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert capfd.readouterr().err.count("finished earlier") == 4
+    assert capfd.readouterr().err.count("finished earlier") == 3
 
     # A changed training setting redoes the runs it touches; the preparation does not depend
     # on it and is reused.

@@ -21,6 +21,7 @@ from workers.training import (
     _batch_loss,
     _DataPosition,
     _micro_batches,
+    beta_plan,
     train,
 )
 
@@ -308,6 +309,82 @@ def test_resumed_run_ends_at_the_same_loss_as_an_uninterrupted_one(tmp_path):
     for mine, theirs in zip(resumed.history, full.history[2:], strict=True):
         assert mine.loss == pytest.approx(theirs.loss, rel=1e-5, abs=1e-6)
         assert mine.lr == pytest.approx(theirs.lr)
+
+
+def recording_schedule(monkeypatch):
+    """Wrap the loop's beta schedule so every (risk, betas, sft weights) it returns is kept."""
+    seen: list[tuple[list[float], list[float]]] = []
+    real = training.make_schedule
+
+    def make(config):
+        schedule = real(config)
+
+        def call(risk):
+            betas, weights = schedule(risk)
+            seen.append((betas.tolist(), weights.tolist()))
+            return betas, weights
+
+        return call
+
+    monkeypatch.setattr(training, "make_schedule", make)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("regularizer", "grad_accum"),
+    [
+        (preset_config("paper"), 1),
+        (RegularizerConfig(schedule="adaptive", ema=0.5, risk_threshold=0.3), 2),
+    ],
+)
+def test_beta_plan_is_what_the_loop_trains_with(monkeypatch, regularizer, grad_accum):
+    """Rows, betas and SFT weights of every micro-batch, over two epochs, EMA state included."""
+    model, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer, n=10, risky_every=3)
+    risks = [0.05 * i for i in range(10)]
+    cfg = config(regularizer=regularizer, batch_size=3, max_steps=5, grad_accum_steps=grad_accum)
+    rows: list[list[int]] = []
+    real_collate = training.collate
+
+    def collate(batch, pad_token_id, *, indices):
+        rows.append(list(indices))
+        return real_collate(batch, pad_token_id, indices=indices)
+
+    monkeypatch.setattr(training, "collate", collate)
+    plan = beta_plan(len(examples), cfg, risks)
+    seen = recording_schedule(monkeypatch)
+    train(model, spec, examples, cfg, pad_token_id=tokenizer.pad_token_id, risks=risks)
+    assert len(plan) == 5 * grad_accum == len(seen)
+    assert [list(b.indices) for b in plan] == rows
+    assert [(list(b.betas), list(b.sft_weights)) for b in plan] == seen
+    assert len({i for b in plan for i in b.indices}) == 10  # it went past the first epoch
+
+
+def test_runs_with_equal_plans_train_the_same_adapter():
+    """`adaptive` with every risk under its threshold plans exactly what `off` does (beta 0,
+    weight 1 everywhere), so the two adapters are bit for bit the same; a plan with any row
+    pulled differs, and so does its adapter."""
+    _, tokenizer, spec = fresh_model()
+    examples = make_examples(tokenizer, n=8)
+    low, high = [0.1] * 8, [0.1] * 7 + [0.8]
+    off, adaptive = config(regularizer=preset_config("off")), config()
+    assert beta_plan(8, off, low) == beta_plan(8, adaptive, low)
+    assert beta_plan(8, off, high) != beta_plan(8, adaptive, high)
+
+    def lora_weights(cfg, risks):
+        model, _, _ = fresh_model()
+        train(model, spec, examples, cfg, pad_token_id=tokenizer.pad_token_id, risks=risks)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    plain = lora_weights(off, low)
+    same, pulled = lora_weights(adaptive, low), lora_weights(adaptive, high)
+    assert all(torch.equal(plain[n], same[n]) for n in plain)
+    assert not all(torch.equal(plain[n], pulled[n]) for n in plain)
+
+
+def test_beta_plan_refuses_mismatched_risks():
+    with pytest.raises(ValueError, match="3 risks for 4 examples"):
+        beta_plan(4, config(), [0.0, 0.0, 0.0])
 
 
 def test_adapter_directory_reloads_with_peft(tmp_path):
