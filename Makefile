@@ -38,7 +38,7 @@ bench: setup
 		HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.$$b || exit 1; done
 
 # The headline experiment (issue 9): needs smollm2-135m-safe (`tether models align
-# smollm2-135m-instruct`); about 70 minutes on 2 CPU cores (two runs at a time). QUICK=1 runs the tiny-random flow.
+# smollm2-135m-instruct`); 65-90 minutes on 2 CPU cores (two runs at a time), machines differ. QUICK=1 runs the tiny-random flow.
 headline: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.headline $(if $(QUICK),--quick,)
 
