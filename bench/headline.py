@@ -1169,8 +1169,11 @@ def run_experiment(
     resumed = shared = 0
     for run in order:
         share, method, seed = run
-        outcome = trained.get(run) or shared_outcome(
-            settings, prepared, run, trainer[digests[run]], trained[trainer[digests[run]]]
+        first = trainer[digests[run]]
+        outcome = (
+            trained[run]
+            if run == first
+            else shared_outcome(settings, prepared, run, first, trained[first])
         )
         if outcome.result is None:
             failed.append({"method": method, "share": share, "seed": seed, "error": outcome.error})
@@ -1199,7 +1202,7 @@ def shared_outcome(
     trained the adapter: its figures, under this run's own method, estimator and mean risk,
     with ``same_training_as`` naming the trainer and no child time of its own."""
     share, method, _ = run
-    label = f"{trainer[1]}@{trainer[0]:g}/seed{trainer[2]}"
+    label = _run_label({"share": trainer[0], "method": trainer[1], "seed": trainer[2]})
     if trained.result is None:
         return RunOutcome(None, error=f"trained as {label}, which failed: {trained.error}")
     schedule, estimator = METHODS[method]
