@@ -333,7 +333,7 @@ def attack_completions(
     Returns:
         The raw candidates by prompt id, and for how many prompts they were generated now.
     """
-    from safety.risk import write_json_atomic
+    from safety.risk import read_keyed_json, write_json_atomic
 
     sampling = sampling or Sampling()
     path = cache_path or attack_cache_path(source_id, max_new_tokens)
@@ -343,7 +343,7 @@ def attack_completions(
         "max_new_tokens": max_new_tokens,
         "sampling": asdict(sampling),
     }
-    cached = _read_attack_cache(path, key)
+    cached = read_keyed_json(path, key, "completions")
     found = {
         p.id: list(cached[p.id]["completions"])
         for p in prompts
@@ -373,17 +373,6 @@ def attack_completions(
     else:
         _log(f"attack data: all {len(prompts)} prompts' completions from the cache {path}")
     return found, len(missing)
-
-
-def _read_attack_cache(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or any(data.get(k) != v for k, v in key.items()):
-        return {}
-    completions = data.get("completions")
-    return dict(completions) if isinstance(completions, dict) else {}
 
 
 def attack_candidates(

@@ -496,3 +496,19 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_keyed_json(path: str | Path, key: dict[str, Any], field: str) -> dict[str, Any]:
+    """The ``field`` mapping of a JSON cache written as ``{**key, field: {...}}``.
+
+    Returns an empty dict when the file is missing or unreadable, or when any entry of ``key``
+    differs from what the file holds (the cache was built for other inputs and is stale).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in key.items()):
+        return {}
+    entries = data.get(field)
+    return dict(entries) if isinstance(entries, dict) else {}

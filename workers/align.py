@@ -50,6 +50,7 @@ from safety.prompts import (
     refusals,
 )
 from safety.refusal import keyword_refusal
+from safety.risk import read_keyed_json, write_json_atomic
 from safety.schedules import preset_config
 from workers.data import tokenize_conversations
 from workers.models import ModelSpec, load
@@ -508,7 +509,7 @@ def self_distilled_answers(
         "base": base_fingerprint,
         "max_new_tokens": max_new_tokens,
     }
-    cached = _read_cache(cache_path, key)
+    cached = read_keyed_json(cache_path, key, "answers")
     answers = {
         p.id: cached[p.id]["answer"]
         for p in prompts
@@ -526,19 +527,8 @@ def self_distilled_answers(
         answers.update({p.id: text for p, text in zip(missing, fresh, strict=True)})
         for prompt in missing:
             cached[prompt.id] = {"prompt": prompt.prompt, "answer": answers[prompt.id]}
-        _write_json_atomic(cache_path, {**key, "answers": cached})
+        write_json_atomic(cache_path, {**key, "answers": cached}, indent=1)
     return answers, len(missing)
-
-
-def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, dict[str, str]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or any(data.get(k) != v for k, v in key.items()):
-        return {}
-    answers = data.get("answers")
-    return dict(answers) if isinstance(answers, dict) else {}
 
 
 def _fingerprint(spec: ModelSpec) -> str:
@@ -547,13 +537,6 @@ def _fingerprint(spec: ModelSpec) -> str:
     files = sorted(Path(spec.path).glob("*.safetensors")) + sorted(Path(spec.path).glob("*.bin"))
     stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return f"{spec.model_id}|" + "|".join(stamps)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +618,7 @@ def _measure_splits(
             f"(look-alikes {_pct(result.lookalike_over_refusal)}) in {result.seconds:.0f} s"
         )
     if report_dir is not None:
-        _write_json_atomic(report_dir / REPORT_FILE, report)
+        write_json_atomic(report_dir / REPORT_FILE, report, indent=1)
     return figures
 
 

@@ -16,6 +16,8 @@ from safety.risk import (
     enforce_intake,
     fit_linear_head,
     intake_decision,
+    read_keyed_json,
+    write_json_atomic,
 )
 
 
@@ -143,3 +145,20 @@ def test_intake_accepts_up_to_the_limit():
     report = build_report([1, 2], [5.0, 1.0], None, config=RiskConfig(max_high_risk_share=0.5))
     decision = enforce_intake(report)
     assert decision.accepted and decision.lines == [1]
+
+
+def test_keyed_json_cache_is_read_only_for_the_same_key(tmp_path):
+    path = tmp_path / "cache" / "answers.json"
+    key = {"version": 2, "base": "m|a.safetensors:10:1"}
+    entries = {"p1": {"prompt": "hi", "answer": "hello"}}
+
+    assert read_keyed_json(path, key, "answers") == {}  # no file yet
+    write_json_atomic(path, {**key, "answers": entries}, indent=1)
+    assert read_keyed_json(path, key, "answers") == entries
+    # Another base (or version) makes the whole cache stale, not just some entries.
+    assert read_keyed_json(path, {**key, "base": "other"}, "answers") == {}
+    assert read_keyed_json(path, key, "completions") == {}  # the field is absent
+    assert [p.name for p in path.parent.iterdir()] == ["answers.json"]  # no temp file left
+
+    path.write_text('{"version": 2, "answers": ')  # a torn write from an older writer
+    assert read_keyed_json(path, key, "answers") == {}
