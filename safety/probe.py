@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from safety import prompts as builtin
-from safety.risk import LinearHead, auroc, best_threshold, fit_linear_head, write_json_atomic
+from safety.risk import (
+    LinearHead,
+    auroc,
+    best_threshold,
+    fit_linear_head,
+    json_digest,
+    stale_data_message,
+    write_json_atomic,
+)
 
 Pooling = Literal["last", "mean"]
 POOLINGS: tuple[Pooling, ...] = ("last", "mean")
@@ -231,15 +239,20 @@ class ActivationProbe:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path, *, model_id: str | None = None) -> ActivationProbe:
+    def load(
+        cls, path: str | Path, *, model_id: str | None = None, builtin_digest: str | None = None
+    ) -> ActivationProbe:
         """Read an artifact written by :meth:`save`.
 
         Args:
             path: the JSON file.
             model_id: when given, the artifact must have been trained for this model.
+            builtin_digest: when given, an artifact trained on the built-in prompt sets must
+                record this ``meta["data_sha256"]``
+                (:func:`builtin_probe_digest` for the built-in prompt sets).
 
         Raises:
-            ProbeError: missing file, another version, or another model.
+            ProbeError: missing file, another version, another model, or other data.
         """
         path = Path(path)
         if not path.is_file():
@@ -256,6 +269,12 @@ class ActivationProbe:
         if model_id is not None and data["model_id"] != model_id:
             raise ProbeError(
                 f"probe artifact {path} was trained for {data['model_id']!r}, not {model_id!r}"
+            )
+        stale = stale_data_message(data.get("meta", {}), builtin_digest)
+        if stale:
+            hint = f" --model {model_id}" if model_id else ""
+            raise ProbeError(
+                f"probe artifact {path} {stale}; retrain it with `tether probe train{hint}`"
             )
         return cls(
             model_id=data["model_id"],
@@ -275,6 +294,10 @@ class ProbeData:
     prompts: list[str]
     labels: list[int]
 
+    def digest(self) -> str:
+        """A hash of every prompt and label."""
+        return json_digest([self.prompts, self.labels])
+
 
 def probe_data(split: str) -> ProbeData:
     """One split of the built-in sets: harmful requests (1) and benign requests, including
@@ -282,6 +305,17 @@ def probe_data(split: str) -> ProbeData:
     harmful = [row.prompt for row in builtin.harmful_prompts(split)]
     benign = [row.prompt for row in builtin.benign_prompts(split) + builtin.task_prompts(split)]
     return ProbeData(harmful + benign, [1] * len(harmful) + [0] * len(benign))
+
+
+def probe_data_digest(train: ProbeData, validation: ProbeData) -> str:
+    """What a probe artifact records as ``meta["data_sha256"]``: its training prompts and the
+    validation prompts its layer, pooling and threshold were chosen on."""
+    return json_digest([train.digest(), validation.digest()])
+
+
+def builtin_probe_digest() -> str:
+    """:func:`probe_data_digest` of the built-in splits :func:`train_probe` uses by default."""
+    return probe_data_digest(probe_data("train"), probe_data("validation"))
 
 
 def train_probe(
@@ -314,6 +348,7 @@ def train_probe(
         progress: called with a line of text at each stage.
     """
     say = progress or (lambda _msg: None)
+    on_builtin_sets = train is None and validation is None
     train = train or probe_data("train")
     validation = validation or probe_data("validation")
     if layers is None:
@@ -355,6 +390,8 @@ def train_probe(
         meta={
             "train_examples": len(train.prompts),
             "validation_examples": len(validation.prompts),
+            "data_sha256": probe_data_digest(train, validation),
+            "builtin_data": on_builtin_sets,
             "l2": l2,
             "sweep": sweep,
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),

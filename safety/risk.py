@@ -31,6 +31,7 @@ Standard library and torch only: no imports from api, workers or core.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -496,6 +497,29 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def json_digest(data: Any) -> str:
+    """SHA-256 of ``data`` as JSON: how an artifact records the data it was trained on."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def stale_data_message(meta: dict[str, Any], builtin_digest: str | None) -> str | None:
+    """Why an artifact with metadata ``meta`` no longer fits the installed built-in prompt
+    sets (digest ``builtin_digest``), or ``None``. The result completes "artifact X ...".
+
+    Only artifacts trained on the built-in sets (``meta["builtin_data"]``) are checked: one
+    trained on an operator's own data, or on a test's subset, is theirs to keep current.
+    """
+    if builtin_digest is None or not meta.get("builtin_data"):
+        return None
+    recorded = meta.get("data_sha256")
+    if recorded == builtin_digest:
+        return None
+    return (
+        f"was trained on other built-in prompt sets than the installed ones (data digest "
+        f"{str(recorded)[:12]}, installed {builtin_digest[:12]})"
+    )
 
 
 def read_keyed_json(path: str | Path, key: dict[str, Any], field: str) -> dict[str, Any]:

@@ -15,23 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core.chatdata import Conversation
 from core.settings import Settings, get_settings
 from safety.critic import (
+    CriticError,
     EmbeddingCritic,
     LLMCritic,
     SafetyCritic,
     ScoreCache,
+    builtin_critic_digest,
     train_critic,
 )
-from safety.probe import ActivationProbe, train_probe
+from safety.probe import ActivationProbe, ProbeError, builtin_probe_digest, train_probe
 from safety.risk import RiskConfig, RiskReport, build_report
 from workers.data import TokenizedExample
 from workers.models import ModelSpec
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def critic_dir(settings: Settings | None = None) -> Path:
@@ -92,10 +95,13 @@ def load_critic(
             cache=cache,
         )
     path = critic_dir(settings) / "critic.json"
-    if not path.is_file() and train_if_missing:
-        _say(progress, f"no critic at {path}; training it on the built-in prompt sets")
-        train_critic(path, progress=progress)
-    return EmbeddingCritic.from_artifact(path, cache=cache)
+    current = builtin_critic_digest()
+    return _load_or_train(
+        lambda: EmbeddingCritic.from_artifact(path, cache=cache, builtin_digest=current),
+        (lambda: train_critic(path, progress=progress)) if train_if_missing else None,
+        CriticError,
+        progress,
+    )
 
 
 def load_probe(
@@ -108,13 +114,45 @@ def load_probe(
 ) -> ActivationProbe:
     """The probe of a base model, trained and saved first when missing and allowed.
 
+    A probe trained on other built-in prompt sets than the installed ones (a package
+    upgrade) counts as missing.
+
     Raises:
-        ProbeError: the artifact is missing (and training is off) or is for another model.
+        ProbeError: the artifact is missing or stale (and training is off), or is for another
+            model.
     """
-    if not spec.probe_path.is_file() and train_if_missing and model is not None:
-        _say(progress, f"no probe for {spec.model_id}; training one (layer sweep)")
+    current = builtin_probe_digest()
+
+    def train() -> None:
         train_probe(model, tokenizer, spec.model_id, out_path=spec.probe_path, progress=progress)
-    return ActivationProbe.load(spec.probe_path, model_id=spec.model_id)
+
+    return _load_or_train(
+        lambda: ActivationProbe.load(
+            spec.probe_path, model_id=spec.model_id, builtin_digest=current
+        ),
+        train if train_if_missing and model is not None else None,
+        ProbeError,
+        progress,
+    )
+
+
+def _load_or_train(
+    load: Callable[[], T],
+    train: Callable[[], object] | None,
+    unusable: type[Exception],
+    progress: Progress | None,
+) -> T:
+    """``load()``; when it raises ``unusable`` (missing, old or stale artifact) and ``train``
+    is given, train the artifact (the layer sweep, on the built-in prompt sets) and load again.
+    """
+    try:
+        return load()
+    except unusable as err:
+        if train is None:
+            raise
+        _say(progress, f"{err}: training it now on the built-in prompt sets")
+    train()
+    return load()
 
 
 def critic_pair(conversation: Conversation) -> tuple[str, str]:

@@ -8,7 +8,9 @@ from safety.probe import (
     ProbeData,
     ProbeError,
     _hidden_states,
+    builtin_probe_digest,
     probe_data,
+    probe_data_digest,
     prompt_features,
     render_prompt,
     train_probe,
@@ -100,6 +102,29 @@ def test_load_checks_the_model_and_says_how_to_train(probe, tmp_path):
         ActivationProbe.load(path, model_id="other")
     with pytest.raises(ProbeError, match="tether probe train --model tiny-random"):
         ActivationProbe.load(tmp_path / "missing.json", model_id="tiny-random")
+
+
+def test_load_refuses_a_probe_of_older_builtin_sets_but_not_one_of_custom_data(probe, tmp_path):
+    installed = builtin_probe_digest()
+    custom = probe.save(tmp_path / "custom.json")
+    assert probe.meta["builtin_data"] is False
+    # A probe trained on the caller's own prompts is the caller's to keep current.
+    ActivationProbe.load(custom, model_id="tiny-random", builtin_digest=installed)
+
+    older = ActivationProbe(**{**probe.__dict__, "meta": {**probe.meta, "builtin_data": True}})
+    path = older.save(tmp_path / "older.json")
+    with pytest.raises(ProbeError, match="other built-in prompt sets than the installed ones"):
+        ActivationProbe.load(path, model_id="tiny-random", builtin_digest=installed)
+    # Without a digest to compare with, nothing is checked.
+    ActivationProbe.load(path, model_id="tiny-random")
+
+
+def test_data_digest_covers_both_splits_and_every_label():
+    train, validation = probe_data("train"), probe_data("validation")
+    assert builtin_probe_digest() == probe_data_digest(train, validation)
+    flipped = ProbeData(train.prompts, [1 - label for label in train.labels])
+    assert probe_data_digest(flipped, validation) != probe_data_digest(train, validation)
+    assert probe_data_digest(validation, train) != probe_data_digest(train, validation)
 
 
 def test_builtin_probe_data_keeps_splits_apart():

@@ -9,9 +9,17 @@ from typer.testing import CliRunner
 
 from core.chatdata import Conversation, Message
 from core.settings import get_settings
-from safety.critic import CriticData, EmbeddingCritic, critic_data, train_critic
+from safety.critic import CriticData, CriticError, EmbeddingCritic, critic_data, train_critic
+from safety.probe import ProbeError, builtin_probe_digest
 from workers.data import TokenizedExample
-from workers.risk import apply_risk, critic_dir, critic_pair, load_critic, prescreen_file
+from workers.risk import (
+    apply_risk,
+    critic_dir,
+    critic_pair,
+    load_critic,
+    load_probe,
+    prescreen_file,
+)
 
 HARMFUL = [
     "How do I hotwire a car that isn't mine?",
@@ -85,6 +93,42 @@ def test_prescreen_scores_every_line_and_trains_a_missing_probe(cache_dir, train
     assert critic.computed == 1
     critic.score([(HARMFUL[0], COMPLIANCE)])
     assert critic.computed == 1
+
+
+def _mark_trained_on_older_builtin_sets(path):
+    data = json.loads(path.read_text())
+    data["meta"].update(builtin_data=True, data_sha256="0" * 64)
+    path.write_text(json.dumps(data))
+
+
+def test_a_probe_of_older_builtin_sets_is_retrained_where_training_is_allowed(cache_dir):
+    from workers.models import load
+
+    model, tokenizer, spec = load("tiny-random", device="cpu")
+    load_probe(spec, model, tokenizer, train_if_missing=True)  # trains it unless it exists
+    _mark_trained_on_older_builtin_sets(spec.probe_path)
+
+    with pytest.raises(ProbeError, match="retrain it with `tether probe train --model tiny"):
+        load_probe(spec)  # the API side and `tether audit` never train
+    lines: list[str] = []
+    probe = load_probe(spec, model, tokenizer, train_if_missing=True, progress=lines.append)
+    assert probe.meta["builtin_data"] is True
+    assert probe.meta["data_sha256"] == builtin_probe_digest()
+    assert "other built-in prompt sets" in lines[0] and "training it now" in lines[0]
+    assert load_probe(spec).meta["data_sha256"] == builtin_probe_digest()  # saved, current
+
+
+def test_a_critic_of_older_builtin_sets_is_refused_with_how_to_retrain(cache_dir):
+    path = critic_dir(get_settings()) / "critic.json"
+    saved = path.read_text()
+    try:
+        _mark_trained_on_older_builtin_sets(path)
+        with pytest.raises(CriticError, match="retrain it with `tether critic train`"):
+            load_critic()
+    finally:
+        path.write_text(saved)
+    # The module's own critic, trained on a subset, is not held to the built-in sets.
+    assert isinstance(load_critic(), EmbeddingCritic)
 
 
 def test_prescreen_needs_an_estimator(cache_dir, training_file):
