@@ -428,9 +428,8 @@ class CriticHeads:
 
         Args:
             path: the JSON file.
-            builtin_digest: when given, an artifact trained on the built-in prompt sets must
-                record this ``meta["data_sha256"]``
-                (:func:`builtin_critic_digest` for the built-in prompt sets).
+            builtin_digest: when given (:func:`builtin_critic_digest`), an artifact trained on the
+                built-in prompt sets must record it as ``meta["data_sha256"]``.
 
         Raises:
             CriticError: the file is missing, of another version, or trained on other data.
@@ -608,10 +607,9 @@ class CriticData:
 
     def digest(self) -> str:
         """A hash of every text and label, recorded in the artifact's metadata."""
-        body = json.dumps(
+        return json_digest(
             [self.prompts, self.harmful, self.responses, self.complies, self.categories]
         )
-        return hashlib.sha256(body.encode()).hexdigest()
 
 
 def critic_data_digest(train: CriticData, validation: CriticData) -> str:

@@ -247,9 +247,8 @@ class ActivationProbe:
         Args:
             path: the JSON file.
             model_id: when given, the artifact must have been trained for this model.
-            builtin_digest: when given, an artifact trained on the built-in prompt sets must
-                record this ``meta["data_sha256"]``
-                (:func:`builtin_probe_digest` for the built-in prompt sets).
+            builtin_digest: when given (:func:`builtin_probe_digest`), an artifact trained on the
+                built-in prompt sets must record it as ``meta["data_sha256"]``.
 
         Raises:
             ProbeError: missing file, another version, another model, or other data.
