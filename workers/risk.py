@@ -77,9 +77,12 @@ def load_critic(
     The ``llm`` backend reads ``critic_llm_base_url``, ``critic_llm_model``,
     ``critic_llm_api_key`` and ``critic_llm_fallback_score``.
 
+    An embedding artifact trained on older built-in prompt sets counts as missing.
+
     Raises:
-        CriticError: the embedding artifact is missing (and ``train_if_missing`` is off), or
-            the package with the embedding model is not installed.
+        CriticError: the embedding artifact is missing, old or stale (and
+            ``train_if_missing`` is off), or the package with the embedding model is not
+            installed.
     """
     settings = settings or get_settings()
     cache = ScoreCache(critic_dir(settings) / "scores.sqlite")
@@ -118,8 +121,8 @@ def load_probe(
     upgrade) counts as missing.
 
     Raises:
-        ProbeError: the artifact is missing or stale (and training is off), or is for another
-            model.
+        ProbeError: the artifact is missing, stale or for another model, and training is off
+            (or no model was given to train on).
     """
     current = builtin_probe_digest()
 

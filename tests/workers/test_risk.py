@@ -109,7 +109,7 @@ def test_a_probe_of_older_builtin_sets_is_retrained_where_training_is_allowed(ca
     _mark_trained_on_older_builtin_sets(spec.probe_path)
 
     with pytest.raises(ProbeError, match="retrain it with `tether probe train --model tiny"):
-        load_probe(spec)  # the API side and `tether audit` never train
+        load_probe(spec)  # no model given: nothing to train on
     lines: list[str] = []
     probe = load_probe(spec, model, tokenizer, train_if_missing=True, progress=lines.append)
     assert probe.meta["builtin_data"] is True
